@@ -393,7 +393,7 @@ def discriminator_loss(gan_type, real, fake):
     """
     check_gan_type(gan_type)
     total = 0.0
-    for r, f in zip(real, fake):
+    for r, f in zip(real, fake, strict=True):
         if _is_wasserstein(gan_type):
             total += -tf.reduce_mean(r) + tf.reduce_mean(f)
         elif gan_type == 'lsgan':
@@ -469,4 +469,6 @@ def gradient_penalty(gan_type, critic, x_hat, weight):
 
 def l2_regularization(kernels):
     """1e-4 · Σ ‖w‖²/2 over the given kernels (the contrib l2_regularizer sum)."""
+    if not kernels:
+        return tf.constant(0.0)
     return tf.add_n([WEIGHT_DECAY * tf.nn.l2_loss(w) for w in kernels])
