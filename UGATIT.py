@@ -13,12 +13,15 @@ import glob
 import math
 import os
 import re
+from typing import Optional
 
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
 import ops
+import utils
 from utils import UserError
 
 # --- Constants of the architecture -------------------------------------------
@@ -28,6 +31,14 @@ N_DOWNSAMPLE = 2         # the generator's stride-2 convs (so img_size % 4 == 0)
 MIN_GLOBAL_MAP = 3       # D_logit reflect-pads 2 px bottom/right: the map must be >= 3
 LOCAL_DEPTH_OFFSET = 2   # the local D has 2 fewer stride-2 convs than the global one
 RGB_CHANNELS = 3
+
+# TF1's AdamOptimizer(lr, beta1=0.5, beta2=0.999) with its default epsilon 1e-8 (Keras': 1e-7).
+ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON = 0.5, 0.999, 1e-8
+MAX_TO_KEEP = 5                       # tf.train.Saver's default
+DEMO_DATASET = 'demo'                 # --dataset demo: made on first use (utils.make_demo_dataset)
+# Our additions to the original's checkpoint keys (the original ignores them).
+COUNTER_KEY = 'ugatit/counter'
+RNG_KEY = 'ugatit/rng_state'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +74,11 @@ class Config:
     result_dir: str = 'results'
     log_dir: str = 'logs'
     sample_dir: str = 'samples'
+    # Settings the original does not have.
+    dataset_dir: str = 'dataset'   # the original hard-codes ./dataset
+    seed: Optional[int] = None     # data order, augmentation, initialisation, GP noise
+    init_from: str = ''            # start a new run from these weights
+    checkpoint: str = ''           # test: this checkpoint instead of the newest in model_dir
 
     @property
     def model_name(self):
@@ -78,16 +94,22 @@ class Config:
 
     def validate(self):
         """Raises `UserError` (one line, naming the flag to change) for a config that cannot build."""
-        for name in ('ch', 'n_res', 'n_dis', 'img_size', 'img_ch', 'batch_size'):
+        for name in ('ch', 'n_res', 'n_dis', 'img_size', 'img_ch', 'batch_size', 'epoch',
+                     'iteration', 'print_freq', 'save_freq', 'n_critic'):
             if getattr(self, name) < 1:
                 raise UserError(f'--{name} must be at least 1, got {getattr(self, name)}')
+        if self.lr <= 0:
+            raise UserError(f'--lr must be positive, got {self.lr}')
+        if self.decay_epoch < 0:
+            raise UserError(f'--decay_epoch must be at least 0, got {self.decay_epoch}')
         if self.gan_type not in ops.GAN_TYPES:
             raise UserError(f'--gan_type {self.gan_type!r} is unknown: use one of '
                             f'{", ".join(ops.GAN_TYPES)}')
         factor = 2 ** N_DOWNSAMPLE
         if self.img_size % factor:
+            fix = max(-(-self.img_size // factor) * factor, min_img_size(self.n_dis))
             raise UserError(f'--img_size must be divisible by {factor}, got {self.img_size}: '
-                            f'try --img_size {self.img_size // factor * factor or factor}')
+                            f'try --img_size {fix}')
         side = global_map_side(self.img_size, self.n_dis)
         if side < MIN_GLOBAL_MAP:
             fits = [n for n in range(1, self.n_dis) if global_map_side(self.img_size, n) >= MIN_GLOBAL_MAP]
@@ -138,6 +160,9 @@ class GammaBetaMLP(keras.layers.Layer):
         self.gamma = ops.FullyConnected(width, name='gamma')
         self.beta = ops.FullyConnected(width, name='beta')
 
+    def build(self, input_shape):
+        pass  # sub-layers build on first call, inside this layer's scope
+
     def call(self, x):
         if self.light:
             x = tf.reduce_mean(x, axis=[1, 2])
@@ -184,6 +209,9 @@ class Generator(keras.Model):
         self.up_norm = [ops.LIN(name=f'layer_ins_norm_{i}') for i in range(N_DOWNSAMPLE)]
         self.to_image = ops.Conv(out_ch, 7, stride=1, pad=3, name='G_logit')
 
+    def build(self, input_shape):
+        pass  # sub-layers build on first call, inside this model's scope
+
     def forward(self, x):
         """All named activations: stem, down{i}, res{k}, cam_logit, cam_gap_logit,
         cam_gmp_logit, cam_features, heatmap, gamma, beta, adares{k}, up{i}, fake."""
@@ -228,6 +256,9 @@ class Discriminator(keras.layers.Layer):
         self.conv_1x1 = ops.Conv(channels, 1, stride=1, name='conv_1x1')
         self.to_logit = ops.Conv(1, 4, stride=1, pad=1, spectral_norm=sn, name='D_logit')
 
+    def build(self, input_shape):
+        pass  # sub-layers build on first call, inside this layer's scope
+
     @staticmethod
     def _lrelu(x):
         return tf.nn.leaky_relu(x, LEAKY_SLOPE)
@@ -257,6 +288,9 @@ class MultiScaleDiscriminator(keras.Model):
         # The original builds `local` first, then `global`.
         self.local = Discriminator(ch, local_downsamplings(n_dis), sn, name='local')
         self.global_ = Discriminator(ch, global_downsamplings(n_dis), sn, name='global')
+
+    def build(self, input_shape):
+        pass  # sub-layers build on first call, inside this model's scope
 
     @property
     def critics(self):
@@ -327,8 +361,24 @@ def infer_config(shapes):
         n_global = len({m.group(1) for name in shapes
                         for m in [re.match(rf'{disc}/global/conv_(\d+)/', name)] if m})
         found['n_dis'] = n_global + 1
-        found['sn'] = f'{disc}/global/conv_0/u' in shapes
+        if f'{disc}/global/conv_0/u' in shapes:
+            found['sn'] = True
+        elif f'{disc}/global/conv_0/conv2d/kernel' in shapes:
+            found['sn'] = False
     return found
+
+
+def adam_steps(beta1_power, beta2_power, fallback):
+    """Adam's step count from TF1's beta powers β^(t+1).
+
+    β1 = 0.5 gives exact powers of two until float32 underflows (~150 steps);
+    then β2's power serves (~1e5 steps); after that bias correction is 1 in
+    float32 and any large count is equivalent, so `fallback` is used.
+    """
+    for power, beta in ((float(beta1_power), ADAM_BETA1), (float(beta2_power), ADAM_BETA2)):
+        if 0 < power < 1:
+            return max(0, round(math.log(power) / math.log(beta)) - 1)
+    return fallback
 
 
 def _flag_value(value):
@@ -348,7 +398,19 @@ class UGATIT:
         self.gen_b2a = Generator(c.ch, c.n_res, c.light, c.smoothing, out_ch, name='generator_A')
         self.disc_a = MultiScaleDiscriminator(c.ch, c.n_dis, c.sn, name='discriminator_A')
         self.disc_b = MultiScaleDiscriminator(c.ch, c.n_dis, c.sn, name='discriminator_B')
+        # Draws the gradient penalties' noise; its state goes into every checkpoint.
+        self.rng = (tf.random.Generator.from_seed(c.seed) if c.seed is not None
+                    else tf.random.Generator.from_non_deterministic_state())
+        self.g_opt = self.d_opt = None  # built by build_optimizers() (training only)
         self.build_model()
+        dtype = keras.config.floatx()  # float32; float64 in the exactness tests
+        image = tf.TensorSpec([None, c.img_size, c.img_size, c.img_ch], dtype)
+        scalar = tf.TensorSpec([], dtype)
+        # One graph each for the whole run (any batch size).
+        self.d_step = tf.function(self._d_update, input_signature=[image, image, scalar],
+                                  autograph=False)
+        self.g_step = tf.function(self._g_update, input_signature=[image, image, scalar],
+                                  autograph=False)
 
     @property
     def generators(self):
@@ -365,7 +427,7 @@ class UGATIT:
     def build_model(self):
         """Creates every variable by one call of each network on a zero batch."""
         c = self.config
-        image = tf.zeros([1, c.img_size, c.img_size, c.img_ch])
+        image = tf.zeros([1, c.img_size, c.img_size, c.img_ch], keras.config.floatx())
         for net in self.networks:
             net(image)
 
@@ -396,9 +458,9 @@ class UGATIT:
                 + ops.discriminator_loss(c.gan_type, real_cam, fake_cam))
         if ops.has_gradient_penalty(c.gan_type):
             if alpha is None:
-                alpha = tf.random.uniform([tf.shape(real)[0], 1, 1, 1])
+                alpha = self.rng.uniform([tf.shape(real)[0], 1, 1, 1])
             if eps is None and c.gan_type == 'dragan':
-                eps = tf.random.uniform(tf.shape(real))
+                eps = self.rng.uniform(tf.shape(real))
             x_hat = ops.gradient_penalty_inputs(c.gan_type, real, fake, alpha, eps)
             # One call on the interpolates: GP on the two patch logits, GP_CAM on the two CAM logits.
             loss += tf.add_n(ops.gradient_penalty(
@@ -413,8 +475,10 @@ class UGATIT:
         missing ones are drawn from U[0, 1).
         """
         c, noise = self.config, gp_noise or {}
-        fake_a2b, _, _ = self.gen_a2b(real_a)
-        fake_b2a, _, _ = self.gen_b2a(real_b)
+        # D's gradient does not flow into the generators: stop it here rather than let the
+        # tape keep their activations (same result as the original's var_list).
+        fake_a2b = tf.stop_gradient(self.gen_a2b(real_a)[0])
+        fake_b2a = tf.stop_gradient(self.gen_b2a(real_b)[0])
         losses = {}
         for domain, disc, real, fake in (('A', self.disc_a, real_a, fake_b2a),
                                          ('B', self.disc_b, real_b, fake_a2b)):
@@ -467,15 +531,114 @@ class UGATIT:
                                     + losses['reg_loss_generator'])
         return losses, fakes
 
+    # -- training steps --
+
+    @property
+    def g_vars(self):
+        return [v for net in self.generators for v in net.trainable_weights]
+
+    @property
+    def d_vars(self):
+        return [v for net in self.discriminators for v in net.trainable_weights]
+
+    def build_optimizers(self):
+        """The original's two Adam optimizers (G first), with their slots created now."""
+        if self.g_opt is None:
+            adam = lambda name: keras.optimizers.Adam(
+                learning_rate=self.config.lr, beta_1=ADAM_BETA1, beta_2=ADAM_BETA2,
+                epsilon=ADAM_EPSILON, name=name)
+            self.g_opt, self.d_opt = adam('G_Adam'), adam('D_Adam')
+            self.g_opt.build(self.g_vars)
+            self.d_opt.build(self.d_vars)
+        return self.g_opt, self.d_opt
+
+    def learning_rate(self, epoch):
+        """The original's per-epoch linear decay: lr until decay_epoch, then down towards 0."""
+        c = self.config
+        if not c.decay_flag or epoch < c.decay_epoch:
+            return c.lr
+        return c.lr * (c.epoch - epoch) / (c.epoch - c.decay_epoch)
+
+    def _update(self, optimizer, variables, compute, total, lr):
+        """One optimizer step on `compute()[0][total]`; every SN `u` advances once.
+
+        This is the only way the model updates, so the spectral-norm commit of
+        `ops.power_iteration_step` cannot be skipped: D calls in the step read
+        the start-of-step `u`, and `u` moves one power iteration per update
+        (D step and G step alike, as the original's graph does). The optimizer
+        applies the rho constraints right after the update.
+        """
+        with ops.power_iteration_step(*self.discriminators):
+            with tf.GradientTape() as tape:
+                losses, extras = compute()
+            grads = tape.gradient(losses[total], variables)
+            optimizer.learning_rate = lr
+            optimizer.apply(grads, variables)
+        return losses, extras
+
+    def _d_update(self, real_a, real_b, lr):
+        """One D update on one batch per domain: (losses dict, {})."""
+        return self._update(self.d_opt, self.d_vars,
+                            lambda: (self.discriminator_losses(real_a, real_b), {}),
+                            'Discriminator_loss', lr)
+
+    def _g_update(self, real_a, real_b, lr):
+        """One G update on one batch per domain: (losses dict, fakes before the update)."""
+        return self._update(self.g_opt, self.g_vars,
+                            lambda: self.generator_losses(real_a, real_b),
+                            'Generator_loss', lr)
+
     # -- checkpoints --
 
-    def load_checkpoint(self, path, networks=None):
+    def optimizer_state_by_name(self):
+        """{original name: variable} of the Adam slots: `<var>/Adam` (m), `<var>/Adam_1` (v)."""
+        state = {}
+        for opt, variables in ((self.g_opt, self.g_vars), (self.d_opt, self.d_vars)):
+            for var in variables:
+                index = opt._get_variable_index(var)
+                state[var.path + '/Adam'] = opt._momentums[index]
+                state[var.path + '/Adam_1'] = opt._velocities[index]
+        return state
+
+    def _beta_powers(self):
+        """The original's beta1_power, beta2_power (G) and *_1 (D): β^(steps taken + 1)."""
+        powers = {}
+        for opt, suffix in ((self.g_opt, ''), (self.d_opt, '_1')):
+            t = float(opt.iterations.numpy()) + 1
+            powers[f'beta1_power{suffix}'] = np.float32(ADAM_BETA1 ** t)
+            powers[f'beta2_power{suffix}'] = np.float32(ADAM_BETA2 ** t)
+        return powers
+
+    def checkpoint_state(self, counter):
+        """{name: value} of everything a training checkpoint holds, under the original's names
+        (networks, Adam slots, beta powers) plus our counter and RNG state."""
+        state = {name: var.value for name, var in self.variables_by_name().items()}
+        state.update({name: var.value for name, var in self.optimizer_state_by_name().items()})
+        state.update(self._beta_powers())
+        state[COUNTER_KEY] = np.int64(counter)
+        state[RNG_KEY] = self.rng.state.value()
+        return state
+
+    def save_checkpoint(self, directory, counter):
+        """Writes `directory/<model_name>.model-<counter>` in the original's format; returns it.
+
+        The files are written under a temporary name and renamed, and the
+        `checkpoint` state file is replaced last, so the newest complete
+        checkpoint is always loadable. Keeps the newest MAX_TO_KEEP of ours
+        (a checkpoint we did not write, such as a released one, is never deleted).
+        """
+        return utils.write_checkpoint(directory, f'{self.config.model_name}.model-{counter}',
+                                      self.checkpoint_state(counter), MAX_TO_KEEP, COUNTER_KEY)
+
+    def load_checkpoint(self, path, networks=None, optimizers=False):
         """Fills the networks by name from a checkpoint in the original's format.
 
         `path`: a folder (its latest checkpoint), a prefix or one of its files;
         `networks`: which networks to fill (default: all four; the test phase
-        needs only the generators). Returns (prefix, unused keys). A missing
-        key or a shape mismatch raises `UserError` naming the flag to change.
+        needs only the generators); `optimizers`: also restore the Adam slots,
+        step counts and our RNG state when the checkpoint has them. Returns
+        (prefix, unused keys). A missing key or a shape mismatch raises
+        `UserError` naming the flag to change.
         """
         prefix = resolve_checkpoint(path)
         try:
@@ -487,17 +650,263 @@ class UGATIT:
         wanted = self.variables_by_name(networks)
         problems = [name for name, var in wanted.items()
                     if name not in shapes or list(shapes[name]) != list(var.shape)]
+        problems += self._structure_problems(shapes, networks)
         if problems:
             raise UserError(self._mismatch_message(prefix, shapes, problems[0], wanted))
+        try:  # read everything before assigning anything: a bad file changes nothing
+            values = {name: reader.get_tensor(name) for name in wanted}
+            slots = self._read_optimizer_state(reader, shapes, prefix) if optimizers else None
+        except (tf.errors.OpError, ValueError, IndexError) as err:
+            raise UserError(f'cannot read checkpoint {prefix} ({type(err).__name__}): it is '
+                            'corrupt or half-written; use another one') from err
         for name, var in wanted.items():
-            var.assign(reader.get_tensor(name))
+            var.assign(tf.cast(values[name], var.dtype))
+        if slots is not None:
+            self._assign_optimizer_state(*slots)
         ours = self.variables_by_name()
-        unused = sorted(name for name in shapes
-                        if name not in ours and not OPTIMIZER_KEY.search(name))
+        unused = sorted(name for name in shapes if name not in ours
+                        and not OPTIMIZER_KEY.search(name) and name not in (COUNTER_KEY, RNG_KEY))
         if unused:
             logging.warning('checkpoint %s: %d keys not used: %s', prefix, len(unused),
                             ', '.join(unused))
         return prefix, unused
+
+    def _structure_problems(self, shapes, networks):
+        """Blocks the checkpoint has beyond ours (more res blocks or D layers): every key we
+        need may be there, yet the network would run truncated."""
+        found = infer_config(shapes)
+        nets = networks or self.networks
+        checks = [('n_res', self.generators)] + [('n_dis', self.discriminators)]
+        return [f'{flag} differs' for flag, group in checks
+                if flag in found and found[flag] != getattr(self.config, flag)
+                and any(net in nets for net in group)]
+
+    def _read_optimizer_state(self, reader, shapes, prefix):
+        """(slot values, Adam step counts, RNG state) from a checkpoint; slots None if absent."""
+        self.build_optimizers()
+        names = self.optimizer_state_by_name()
+        missing = [name for name in names if name not in shapes]
+        slot_values, steps = None, None
+        if missing:
+            logging.warning('checkpoint %s has no optimizer state (%d Adam slots missing): '
+                            'Adam starts afresh', prefix, len(missing))
+        else:
+            slot_values = {name: reader.get_tensor(name) for name in names}
+            steps = [adam_steps(reader.get_tensor(f'beta1_power{suffix}'),
+                                reader.get_tensor(f'beta2_power{suffix}'),
+                                fallback=checkpoint_step(prefix)) for suffix in ('', '_1')]
+        rng = reader.get_tensor(RNG_KEY) if RNG_KEY in shapes else None
+        return slot_values, steps, rng
+
+    def _assign_optimizer_state(self, slot_values, steps, rng):
+        if slot_values is not None:
+            for name, var in self.optimizer_state_by_name().items():
+                var.assign(tf.cast(slot_values[name], var.dtype))
+            for opt, count in zip((self.g_opt, self.d_opt), steps):
+                opt.iterations.assign(count)
+        if rng is not None:
+            self.rng.reset(rng)
+
+    # -- the training loop --
+
+    def dataset_folder(self, split):
+        """`dataset_dir/dataset/<split>`; the built-in `demo` dataset is made on first use."""
+        c = self.config
+        root = os.path.join(c.dataset_dir, c.dataset)
+        if c.dataset == DEMO_DATASET:
+            utils.make_demo_dataset(root)
+        return os.path.join(root, split)
+
+    def _restore_for_training(self, checkpoint_dir):
+        """The counter to start from: resumes `checkpoint_dir`, else `--init_from`, else 1."""
+        c = self.config
+        if glob.glob(os.path.join(glob.escape(checkpoint_dir), '*.index')):
+            prefix, _ = self.load_checkpoint(checkpoint_dir, optimizers=True)
+            reader = tf.train.load_checkpoint(prefix)
+            counter = (int(reader.get_tensor(COUNTER_KEY)) if reader.has_tensor(COUNTER_KEY)
+                       else checkpoint_step(prefix))
+            if c.init_from:
+                logging.info('--init_from ignored: resuming the run already in %s', checkpoint_dir)
+            logging.info('resuming from %s (step %d)', prefix, counter - 1)
+            return max(counter, 1)
+        if c.init_from:
+            prefix, _ = self.load_checkpoint(c.init_from)
+            logging.info('new run initialised from the weights of %s', prefix)
+        return 1
+
+    def _sample_images(self, real_a, real_b):
+        """For the sample sheet: per direction, input, attention, translation, cycle, identity."""
+        rows = {}
+        for name, gen, gen_back, real_src, real_tgt in (
+                ('A2B', self.gen_a2b, self.gen_b2a, real_a, real_b),
+                ('B2A', self.gen_b2a, self.gen_a2b, real_b, real_a)):
+            fake, _, heatmap = gen(real_src)
+            rows[name] = {'input': real_src, 'heatmap': heatmap, 'translation': fake,
+                          'cycle': gen_back(fake)[0], 'identity': gen(real_tgt)[0]}
+        return rows
+
+    def train(self):
+        """The original's `train()`: n_critic D updates per G update, per-epoch lr decay,
+        samples every print_freq and checkpoints every save_freq steps, resumable."""
+        c = self.config
+        checkpoint_dir = utils.check_folder(os.path.join(c.checkpoint_dir, c.model_dir))
+        sample_dir = utils.check_folder(os.path.join(c.sample_dir, c.model_dir))
+        log_dir = os.path.join(c.log_dir, c.model_dir)
+        files = {d: utils.list_images(self.dataset_folder(f'train{d}')) for d in 'AB'}
+        self.build_optimizers()
+        counter = self._restore_for_training(checkpoint_dir)
+        steps_done = counter - 1
+        # A resumed run draws a new (seeded) data order: tf.data keeps no position.
+        seed = None if c.seed is None else c.seed + steps_done
+        data = {d: iter(utils.build_dataset(files[d], c.img_size, c.img_ch, c.batch_size,
+                                            c.augment_flag, None if seed is None else seed + i))
+                for i, d in enumerate('AB')}
+        writer = tf.summary.create_file_writer(log_dir)
+        write_scalars, write_rho = self._summary_writers(writer)
+        history = utils.LossHistory(os.path.join(log_dir, 'losses.jsonl'))
+        progress = utils.Progress(c.epoch * c.iteration, steps_done)
+        sample_fn = tf.function(self._sample_images)
+        saved_at = counter if steps_done else None
+        real_a = real_b = fakes = None
+        last_g_loss = -1.0  # printed until the first G step, as the original
+        start_epoch, start_batch = divmod(steps_done, c.iteration)
+        try:
+            for epoch in range(start_epoch, c.epoch):
+                lr = tf.constant(self.learning_rate(epoch), tf.float32)
+                for idx in range(start_batch, c.iteration):
+                    d_losses, _ = self.d_step(next(data['A']), next(data['B']), lr)
+                    step = tf.constant(counter, tf.int64)
+                    write_scalars(step, d_losses)
+                    logged = self._check_finite(d_losses, counter)
+                    if (counter - 1) % c.n_critic == 0:
+                        real_a, real_b = next(data['A']), next(data['B'])
+                        write_rho(step)  # rho at the start of the G step, as the original
+                        g_losses, fakes = self.g_step(real_a, real_b, lr)
+                        write_scalars(step, g_losses)
+                        logged.update(self._check_finite(g_losses, counter))
+                    history.append(counter, logged)
+                    counter += 1
+                    progress.update(epoch, idx, c.iteration, logged['Discriminator_loss'],
+                                    logged.get('Generator_loss', last_g_loss))
+                    last_g_loss = logged.get('Generator_loss', last_g_loss)
+                    if (idx + 1) % c.print_freq == 0 and real_a is not None:
+                        tag = f'{epoch:03d}_{idx + 1:05d}'
+                        utils.save_images(real_a.numpy(), [c.batch_size, 1],
+                                          os.path.join(sample_dir, f'real_A_{tag}.png'))
+                        utils.save_images(fakes['fake_B'].numpy(), [c.batch_size, 1],
+                                          os.path.join(sample_dir, f'fake_B_{tag}.png'))
+                        sheet = utils.sample_sheet(tf.nest.map_structure(
+                            lambda t: t.numpy(), sample_fn(real_a, real_b)))
+                        utils.write_image(os.path.join(sample_dir, f'sheet_{tag}.png'), sheet)
+                        with writer.as_default(step=counter):
+                            tf.summary.image('samples', sheet[None], max_outputs=1)
+                    if (idx + 1) % c.save_freq == 0:
+                        saved_at = self._save(checkpoint_dir, counter, history, progress)
+                start_batch = 0
+                if saved_at != counter:
+                    saved_at = self._save(checkpoint_dir, counter, history, progress)
+        except KeyboardInterrupt:
+            if saved_at != counter and counter > 1:
+                self._save(checkpoint_dir, counter, history, progress)
+            progress.close()
+            raise
+        progress.close()
+        writer.close()
+        return counter
+
+    def _save(self, checkpoint_dir, counter, history, progress):
+        prefix = self.save_checkpoint(checkpoint_dir, counter)
+        history.plot(os.path.join(os.path.dirname(history.path), 'losses.png'))
+        progress.note(f'saved {prefix}')
+        return counter
+
+    @staticmethod
+    def _check_finite(losses, counter):
+        """The losses as floats; raises UserError if one is NaN or infinite."""
+        values = {k: float(v) for k, v in losses.items()}
+        bad = [k for k, v in values.items() if not np.isfinite(v)]
+        if bad:
+            raise UserError(f'training diverged at step {counter - 1}: {", ".join(bad)} is not '
+                            'finite; the last checkpoint is kept (try a lower --lr)')
+        return values
+
+    def _summary_writers(self, writer):
+        """Compiled TensorBoard writers with the original's tags: (scalars(step, losses),
+        rho(step): a histogram and _min/_max/_mean of every rho, tagged `…/rho_0`)."""
+        rhos = [(v.path + '_0', v) for net in self.generators for v in net.trainable_weights
+                if v.path.endswith('/rho')]
+
+        @tf.function(autograph=False)
+        def scalars(step, losses):
+            with writer.as_default(step=step):
+                for name, value in losses.items():
+                    tf.summary.scalar(name, value)
+
+        @tf.function(autograph=False)
+        def rho(step):
+            with writer.as_default(step=step):
+                for tag, var in rhos:
+                    tf.summary.histogram(tag, var)
+                    tf.summary.scalar(tag + '_min', tf.reduce_min(var))
+                    tf.summary.scalar(tag + '_max', tf.reduce_max(var))
+                    tf.summary.scalar(tag + '_mean', tf.reduce_mean(var))
+
+        return scalars, rho
+
+    # -- the test phase --
+
+    def translate(self, images, direction):
+        """Translates [B, S, S, img_ch] images in [-1, 1]: (translations, heatmaps [B, S/4, S/4])."""
+        if not hasattr(self, '_translate'):
+            spec = tf.TensorSpec([None, self.config.img_size, self.config.img_size,
+                                  self.config.img_ch], keras.config.floatx())
+            self._translate = {
+                name: tf.function(lambda x, g=gen: g(x)[::2], input_signature=[spec])
+                for name, gen in (('A2B', self.gen_a2b), ('B2A', self.gen_b2a))}
+        fake, heatmap = self._translate[direction](images)
+        return fake.numpy(), heatmap.numpy()
+
+    def load_for_inference(self):
+        """Loads the generators from --checkpoint, else the newest in checkpoint_dir/model_dir."""
+        c = self.config
+        path = c.checkpoint or os.path.join(c.checkpoint_dir, c.model_dir)
+        if not c.checkpoint and not os.path.isdir(path):
+            raise UserError(f'no checkpoint folder {path}: train with the same flags first, put '
+                            'a checkpoint there, or name one with --checkpoint')
+        prefix, _ = self.load_checkpoint(path, networks=self.generators)
+        logging.info('loaded the generators of %s', prefix)
+        return prefix
+
+    def test(self):
+        """The original's `test()`: testA through A→B and testB through B→A.
+
+        Writes `result_dir/model_dir/{A2B,B2A}/<name>` (the translations),
+        `…/input/<name>` (what the generator saw), `…/attention/<name>` (the
+        CAM heatmap over the input) and `index.html`. Returns the page's path.
+        """
+        c = self.config
+        self.load_for_inference()
+        out_root = os.path.join(c.result_dir, c.model_dir)
+        sections = []
+        for direction, split in (('A2B', 'testA'), ('B2A', 'testB')):
+            files = utils.list_images(self.dataset_folder(split))
+            rows = self.translate_files(files, os.path.join(out_root, direction), direction)
+            sections.append((direction, rows))
+        return utils.write_index_html(out_root, sections, c.img_size)
+
+    def translate_files(self, files, out_dir, direction):
+        """Translates image files in batches of --batch_size; returns the index rows."""
+        c = self.config
+        rows = []
+        for start in range(0, len(files), c.batch_size):
+            batch = files[start:start + c.batch_size]
+            images = np.stack([utils.load_test_image(f, c.img_size, c.img_ch) for f in batch])
+            fakes, heatmaps = self.translate(images, direction)
+            for path, image, fake, heatmap in zip(batch, images, fakes, heatmaps):
+                rows.append(utils.save_translation(out_dir, os.path.basename(path), image, fake,
+                                                   heatmap))
+            print(f'{direction}: {min(start + c.batch_size, len(files))}/{len(files)}', flush=True)
+        return rows
 
     def _mismatch_message(self, prefix, shapes, first_problem, wanted):
         """One line saying which flag differs between the checkpoint and this model."""
@@ -516,6 +925,9 @@ class UGATIT:
                 detail = (f' (it is a {"light" if found["light"] else "full"} model: its '
                           f'MLP/linear_0 kernel is {shape})')
             return f'checkpoint {prefix} does not match this configuration{detail}: run with {fix}'
+        if first_problem not in shapes and not any(n.startswith('discriminator') for n in shapes):
+            return (f'checkpoint {prefix} holds only the generators: use it for --phase test, '
+                    'not to resume training')
         if first_problem not in shapes:
             return (f'checkpoint {prefix} has no variable {first_problem}: it was not written '
                     'by U-GAT-IT with these flags')

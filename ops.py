@@ -195,6 +195,9 @@ class FullyConnected(keras.layers.Layer):
         self.dense = keras.layers.Dense(units, use_bias=use_bias,
                                         kernel_initializer=weight_initializer(), name='dense')
 
+    def build(self, input_shape):
+        pass  # the dense sub-layer builds on first call, inside this layer's scope
+
     def call(self, x):
         return self.dense(tf.reshape(x, [tf.shape(x)[0], -1]))
 
@@ -321,6 +324,9 @@ class ConvNorm(keras.layers.Layer):
                          name='conv_0')
         self.norm = norm
 
+    def build(self, x_shape, gamma_shape=None, beta_shape=None):
+        pass  # sub-layers build on first call, inside this layer's scope
+
     def call(self, x, gamma=None, beta=None):
         x = self.conv(x)
         return self.norm(x) if gamma is None else self.norm(x, gamma, beta)
@@ -339,6 +345,9 @@ class ResidualBlock(keras.layers.Layer):
         super().__init__(**kwargs)
         self.res1 = ConvNorm(channels, make_norm(), use_bias, name='res1')
         self.res2 = ConvNorm(channels, make_norm(), use_bias, name='res2')
+
+    def build(self, x_shape, gamma_shape=None, beta_shape=None):
+        pass  # sub-layers build on first call, inside this layer's scope
 
     def call(self, x, gamma=None, beta=None):
         y = tf.nn.relu(self.res1(x, gamma, beta))

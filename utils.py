@@ -1,6 +1,24 @@
-"""Small helpers shared by the model and the command line: errors and paths."""
+"""Small helpers shared by the model and the command line: errors, paths, data and image I/O.
 
+Data follows the original release (spec §10): training images are decoded and resized
+with TF ops (the legacy bilinear kernel), test images with OpenCV, and pixel values map to
+[-1, 1] by x/127.5 − 1. One departure: training augmentation is drawn per image, not once
+per run at trace time (see `build_dataset`).
+"""
+
+import collections
+import glob
+import html
+import json
 import os
+import re
+import sys
+import time
+
+import cv2
+import numpy as np
+import tensorflow as tf
+from absl import logging
 
 
 class UserError(Exception):
@@ -10,4 +28,674 @@ class UserError(Exception):
 def check_folder(path):
     """Creates `path` (and parents) if missing; returns it."""
     os.makedirs(path, exist_ok=True)
+    return path
+
+
+# --- Listing image files ---------------------------------------------------------
+
+# Extensions that both TF's `decode_image` (training) and OpenCV's `imread` (test) read.
+# TIFF is left out: OpenCV reads it but TF 2.21 does not ("Unknown image file format").
+IMAGE_EXTENSIONS = ('.bmp', '.gif', '.jpeg', '.jpg', '.png', '.webp')
+
+# What the standard dataset folders hold, for error messages.
+FOLDER_CONTENTS = {
+    'trainA': 'the domain-A training images',
+    'trainB': 'the domain-B training images',
+    'testA': 'the domain-A test images',
+    'testB': 'the domain-B test images',
+}
+NAMES_SHOWN = 3  # ignored file names quoted in the warning
+
+
+def _fix_hint(folder):
+    """The one-line fix for a missing or empty `folder`."""
+    contents = FOLDER_CONTENTS.get(os.path.basename(os.path.normpath(folder)), 'the images')
+    return f'put {contents} there, or pick another --dataset'
+
+
+def list_images(folder):
+    """Sorted paths of the image files directly in `folder` (no recursion, no dot-files).
+
+    Like the original's `glob(folder + '/*.*')`, but sorted and limited to
+    IMAGE_EXTENSIONS (any case); other files are ignored with one warning.
+    Raises UserError if the folder is missing or holds no image.
+    """
+    if not os.path.isdir(folder):
+        raise UserError(f'{folder} does not exist: {_fix_hint(folder)}')
+    images, ignored = [], []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name.startswith('.') or not os.path.isfile(path):
+            continue
+        (images if name.lower().endswith(IMAGE_EXTENSIONS) else ignored).append(path)
+    if ignored:
+        shown = ', '.join(os.path.basename(p) for p in ignored[:NAMES_SHOWN])
+        more = ', ...' if len(ignored) > NAMES_SHOWN else ''
+        logging.warning('Ignoring %d non-image file(s) in %s (%s%s); images end in %s.',
+                        len(ignored), folder, shown, more, ' '.join(IMAGE_EXTENSIONS))
+    if not images:
+        raise UserError(f'{folder} has no image ({" ".join(IMAGE_EXTENSIONS)}): '
+                        f'{_fix_hint(folder)}')
+    return images
+
+
+# --- Training data (TF ops, spec §10 "Training") -----------------------------------
+
+RGB_CHANNELS = 3
+SUPPORTED_CHANNELS = (1, 3)  # --img_ch values we can decode every format to
+PIXEL_HALF_RANGE = 127.5     # x / 127.5 - 1 maps 0..255 to [-1, 1]
+
+# Augmentation resizes to S + margin before cropping back to S (the original's
+# `30 if load_size == 256 else 15`).
+AUGMENT_LARGE_SIZE = 256
+AUGMENT_LARGE_MARGIN = 30
+AUGMENT_MARGIN = 15
+
+
+def augment_size(img_size):
+    """Side the image is enlarged to before the random crop back to `img_size`."""
+    return img_size + (AUGMENT_LARGE_MARGIN if img_size == AUGMENT_LARGE_SIZE else AUGMENT_MARGIN)
+
+
+def legacy_resize_bilinear(image, size):
+    """TF1 `resize_images` bilinear: [H, W, C] (any real dtype) → float32 [size, size, C].
+
+    align_corners=False and no half-pixel centres: source = dest · in/out. TF2's
+    `tf.image.resize` uses half-pixel centres and gives different values.
+    """
+    batch = tf.raw_ops.ResizeBilinear(images=image[tf.newaxis], size=[size, size],
+                                      align_corners=False, half_pixel_centers=False)
+    return batch[0]
+
+
+def decode_image(contents, img_ch):
+    """Encoded JPEG/PNG/BMP/GIF/WebP bytes → uint8 [H, W, img_ch].
+
+    Gray, gray+alpha, RGBA, palette and 16-bit images all come out as 8-bit
+    (16-bit PNGs keep their high byte, 0..255 scale); a GIF gives its first frame.
+    TF's BMP, GIF and WebP decoders cannot give 1 channel, so img_ch 1 decodes to
+    RGB and converts to gray.
+    """
+    image = tf.io.decode_image(contents, channels=RGB_CHANNELS, expand_animations=False)
+    if img_ch == 1:
+        image = tf.image.rgb_to_grayscale(image)
+    image.set_shape([None, None, img_ch])
+    return image
+
+
+def normalize(image):
+    """0..255 → [-1, 1] (float32)."""
+    return tf.cast(image, tf.float32) / PIXEL_HALF_RANGE - 1
+
+
+def load_train_image(path, img_size, img_ch):
+    """Path → float32 [S, S, img_ch] in [-1, 1]: decode, legacy resize, normalise."""
+    image = decode_image(tf.io.read_file(path), img_ch)
+    return normalize(legacy_resize_bilinear(image, img_size))
+
+
+def augment_image(image, seed):
+    """The original's `augmentation()` on one [S, S, C] image, with a stateless [2] seed.
+
+    Flip left-right with p = 0.5, legacy-resize (of the normalised image) to
+    augment_size(S), then crop a random S × S window.
+    """
+    img_size, _, channels = image.shape
+    flip_seed, crop_seed = tf.unstack(tf.random.split(seed, 2))
+    image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+    image = legacy_resize_bilinear(image, augment_size(img_size))
+    return tf.image.stateless_random_crop(image, [img_size, img_size, channels], crop_seed)
+
+
+def _error_reason(path, img_ch):
+    """Why `path` fails to load (eager), as one short line."""
+    try:
+        decode_image(tf.io.read_file(path), img_ch)
+    except tf.errors.OpError as err:
+        message = re.sub(r'\{\{.*?\}\}\s*|\s*\[Op:\w+\]', '', err.message)
+        return message.strip().splitlines()[0] if message.strip() else type(err).__name__
+    return 'could not be decoded'
+
+
+def validate_images(files, img_ch):
+    """The files of `files` that TF reads and decodes, in order; warns once per other file.
+
+    One parallel tf.data pass (decode, then drop failures with `ignore_errors`).
+    Raises UserError if no file survives.
+    """
+    files = [os.fspath(f) for f in files]
+    if not files:
+        raise UserError('No image files to train on.')
+
+    def decodes(path):
+        # The shape depends on the decode, so the decode cannot be skipped.
+        return path, tf.shape(decode_image(tf.io.read_file(path), img_ch))
+
+    passed = (tf.data.Dataset.from_tensor_slices(files)
+              .map(decodes, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+              .ignore_errors())
+    readable = {os.fsdecode(path.numpy()) for path, _ in passed}
+    failed = [f for f in files if f not in readable]
+    for path in failed:
+        logging.warning('Skipping unreadable image %s: %s', path, _error_reason(path, img_ch))
+    if len(failed) == len(files):
+        folders = sorted({os.path.dirname(f) or '.' for f in files})
+        raise UserError(f'None of the {len(files)} images in {", ".join(folders)} can be read: '
+                        'replace them with JPEG, PNG, BMP, GIF or WebP files.')
+    return [f for f in files if f in readable]
+
+
+def _substream_seeds(seed):
+    """Two independent 32-bit seeds (shuffle, augmentation) from `seed`, or (None, None)."""
+    if seed is None:
+        return None, None
+    return tuple(int(s) for s in np.random.SeedSequence(seed).generate_state(2))
+
+
+def build_dataset(files, img_size, img_ch, batch_size, augment, seed=None):
+    """An infinite tf.data.Dataset of float32 batches [batch_size, S, S, img_ch] in [-1, 1].
+
+    One domain (build one per domain, with different seeds, for independent shuffles).
+    Spec §10: full shuffle of the file list, reshuffled every pass, repeated forever;
+    decode, legacy bilinear resize to S, x/127.5 − 1; if `augment`, the original's
+    flip + enlarge + random crop. Departure: the original drew one coin per run at
+    trace time (augment all images or none); here every image is augmented, with its
+    own random flip and crop. Only TF random ops: with `seed` the batches of a new
+    build repeat run to run (a second iterator over the same dataset reshuffles, so
+    iterate once), without it they differ. Unreadable files are dropped first (with a
+    warning each); fewer than `batch_size` readable files is a UserError.
+    """
+    if img_ch not in SUPPORTED_CHANNELS:
+        raise UserError(f'--img_ch {img_ch} is not supported: use 1 or 3.')
+    files = validate_images(files, img_ch)
+    if len(files) < batch_size:
+        raise UserError(f'Only {len(files)} readable image(s) for --batch_size {batch_size}: '
+                        'add images or lower --batch_size.')
+    logging.info('%d readable training images in %s', len(files),
+                 ', '.join(sorted({os.path.dirname(f) for f in files})))
+    shuffle_seed, augment_seed = _substream_seeds(seed)
+    # A buffer of the whole list is a full shuffle (the original's max(len A, len B) is
+    # the same thing for the smaller domain).
+    paths = (tf.data.Dataset.from_tensor_slices(files)
+             .shuffle(len(files), seed=shuffle_seed, reshuffle_each_iteration=True)
+             .repeat())
+
+    def load(path, element_seed=None):
+        image = load_train_image(path, img_size, img_ch)
+        return image if element_seed is None else augment_image(image, element_seed)
+
+    if augment:
+        # One stateless [2] seed per element, from a (seeded or random) random stream.
+        element_seeds = tf.data.Dataset.random(seed=augment_seed).batch(2)
+        paths = tf.data.Dataset.zip((paths, element_seeds))
+    # The original used map_and_batch(num_parallel_batches=16) and prefetch_to_device.
+    return (paths.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            .batch(batch_size, drop_remainder=True)
+            .prefetch(tf.data.AUTOTUNE))
+
+
+# --- Test images and saving (OpenCV, spec §10 "Test" and "Saving images") ----------
+
+def load_test_image(path, img_size, img_ch=RGB_CHANNELS):
+    """Image file → float32 [S, S, img_ch] in [-1, 1], as the original's `load_test_data`.
+
+    cv2.imread (gray → 3 channels, alpha dropped, 16-bit → 8-bit), BGR → RGB,
+    cv2.resize INTER_LINEAR (not the training resampler), /127.5 − 1 in float64.
+    With img_ch 1 (which the original's test phase could not do) the RGB image is
+    converted to grey. Raises UserError naming the file if OpenCV cannot read it.
+    """
+    image = cv2.imread(os.fspath(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise UserError(f'Cannot read image {path}: replace or remove it.')
+    image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    image = cv2.resize(image, (img_size, img_size), interpolation=cv2.INTER_LINEAR)
+    if img_ch == 1:
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)[..., None]
+    return np.float32(image / PIXEL_HALF_RANGE - 1)
+
+
+def inverse_transform(images):
+    """[-1, 1] floats → uint8 0..255 by ((x + 1) / 2) · 255, truncated as the original.
+
+    The original truncates with astype(uint8) and does not clip; we clip to [0, 255]
+    first, a no-op for tanh outputs that only guards against uint8 wraparound.
+    """
+    x = np.asarray(images)
+    if not np.issubdtype(x.dtype, np.floating):
+        x = x.astype(np.float32)
+    return np.clip((x + 1) / 2 * 255, 0, 255).astype(np.uint8)
+
+
+def merge(images, size):
+    """Tiles [N, H, W, C] into one [rows·H, cols·W, C] grid, `size` = (rows, cols).
+
+    Image i goes to row i // cols, column i % cols; unused cells stay 0.
+    """
+    images = np.asarray(images)
+    rows, cols = size
+    n, h, w, c = images.shape
+    if n > rows * cols:
+        raise ValueError(f'{n} images do not fit a {rows}x{cols} grid')
+    grid = np.zeros((h * rows, w * cols, c), dtype=images.dtype)
+    for i, image in enumerate(images):
+        row, col = divmod(i, cols)
+        grid[h * row:h * (row + 1), w * col:w * (col + 1)] = image
+    return grid
+
+
+def save_images(images, size, path):
+    """Writes float [N, H, W, C] RGB (or gray) images in [-1, 1] as one `size` grid to `path`.
+
+    The format follows the extension (cv2.imwrite). Raises UserError if it fails.
+    """
+    grid = merge(inverse_transform(images), size)
+    grid = cv2.cvtColor(grid, cv2.COLOR_RGB2BGR) if grid.shape[-1] == RGB_CHANNELS else grid
+    if not cv2.imwrite(os.fspath(path), grid):
+        raise UserError(f'Cannot write {path}: check that its folder exists and is writable.')
+
+
+# --- Built-in demo dataset --------------------------------------------------------
+
+DEMO_FOLDERS = ('trainA', 'trainB', 'testA', 'testB')
+DEMO_SHAPES = {'A': 'disc', 'B': 'square'}   # domain letter → object drawn
+DEMO_IMAGE_SIZE = 64
+DEMO_TRAIN_COUNT = 400                       # images per domain
+DEMO_TEST_COUNT = 50
+DEMO_SEED = 20190731                         # the original's first-code date
+DEMO_OBJECT_FRACTION = (0.3, 0.6)            # disc diameter / square side, over the image side
+DEMO_MAX_TILT_DEG = 15                       # squares are tilted by at most this
+DEMO_MARGIN = 2                              # pixels kept between the object and the border
+DEMO_NOISE_CELLS = 4                         # smooth noise: a 4×4 grid upsampled
+DEMO_NOISE_AMPLITUDE = 40
+DEMO_STRIPE_PERIOD = (6.0, 20.0)             # pixels at 64 px, scaled with the size
+DEMO_MIN_COLOUR_DISTANCE = 120               # object vs both stripe colours (RGB, Euclidean)
+DEMO_SUBPIXEL_BITS = 4                       # cv2 drawing precision (shift)
+DEMO_README = """\
+U-GAT-IT demo dataset: discs (domain A) to squares (domain B).
+
+A small synthetic unpaired problem, made by utils.make_demo_dataset with NumPy and
+OpenCV, so the code can be tried without downloading data. Translating A to B needs
+a change of shape, not only of colour: every image shows one flat-coloured object
+(a disc in A, an axis-aligned or slightly tilted square in B) of random colour,
+size ({lo:.0%}-{hi:.0%} of the side) and position on a random background of smooth noise
+and stripes. Both domains draw colours, sizes and backgrounds the same way.
+
+  trainA {train} discs      trainB {train} squares
+  testA  {test} discs       testB  {test} squares
+  {size}x{size} RGB PNG, seed {seed}. Generated deterministically: the same call
+  writes the same bytes. Delete this folder to regenerate it.
+"""
+
+
+def _demo_background(rng, size):
+    """Smooth noise plus sinusoidal stripes between two random colours: float [S, S, 3]."""
+    colours = rng.uniform(0, 255, (2, 3))
+    angle = rng.uniform(0, np.pi)
+    period = rng.uniform(*DEMO_STRIPE_PERIOD) * size / DEMO_IMAGE_SIZE
+    yy, xx = np.mgrid[0:size, 0:size]
+    offset = rng.uniform(0, 2 * np.pi)
+    phase = (xx * np.cos(angle) + yy * np.sin(angle)) * 2 * np.pi / period + offset
+    mix = ((np.sin(phase) + 1) / 2)[..., None]
+    cells = rng.uniform(-1, 1, (DEMO_NOISE_CELLS, DEMO_NOISE_CELLS, 3)).astype(np.float32)
+    noise = cv2.resize(cells, (size, size), interpolation=cv2.INTER_CUBIC)
+    return colours[0] * (1 - mix) + colours[1] * mix + DEMO_NOISE_AMPLITUDE * noise, colours
+
+
+def _demo_image(rng, size, shape):
+    """One demo image (uint8 [S, S, 3] RGB) with a `shape` ('disc' or 'square') on it."""
+    background, stripe_colours = _demo_background(rng, size)
+    image = np.ascontiguousarray(np.clip(np.rint(background), 0, 255).astype(np.uint8))
+    while True:  # a colour that stands out from the stripes
+        colour = rng.uniform(0, 255, 3)
+        if np.linalg.norm(stripe_colours - colour, axis=1).min() >= DEMO_MIN_COLOUR_DISTANCE:
+            break
+    colour = tuple(int(v) for v in np.rint(colour))
+    extent = rng.uniform(*DEMO_OBJECT_FRACTION) * size   # diameter or side
+    tilt = 0.0
+    if shape == 'square':
+        tilt = np.deg2rad(rng.uniform(-DEMO_MAX_TILT_DEG, DEMO_MAX_TILT_DEG))
+    half_span = extent / 2 * (abs(np.cos(tilt)) + abs(np.sin(tilt)))
+    centre = rng.uniform(half_span + DEMO_MARGIN, size - half_span - DEMO_MARGIN, 2)
+    scale = 1 << DEMO_SUBPIXEL_BITS
+    if shape == 'disc':
+        centre_fixed = tuple(int(v) for v in np.rint(centre * scale))
+        cv2.circle(image, centre_fixed, int(round(extent / 2 * scale)), colour,
+                   thickness=-1, lineType=cv2.LINE_AA, shift=DEMO_SUBPIXEL_BITS)
+    else:
+        corners = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * extent / 2
+        rotation = np.array([[np.cos(tilt), -np.sin(tilt)], [np.sin(tilt), np.cos(tilt)]])
+        points = np.rint((corners @ rotation.T + centre) * scale).astype(np.int32)
+        cv2.fillConvexPoly(image, points, colour, lineType=cv2.LINE_AA, shift=DEMO_SUBPIXEL_BITS)
+    return image
+
+
+def _demo_plan(root, train_count, test_count):
+    """[(path, random-stream key)] of every demo image under `root`."""
+    plan = []
+    for folder_index, folder in enumerate(DEMO_FOLDERS):
+        domain = folder[-1]
+        count = train_count if folder.startswith('train') else test_count
+        names = [f'{DEMO_SHAPES[domain]}_{i:04d}.png' for i in range(count)]
+        plan += [(os.path.join(root, folder, name), (folder_index, i)) for i, name in enumerate(names)]
+    return plan
+
+
+def make_demo_dataset(root, image_size=DEMO_IMAGE_SIZE, train_count=DEMO_TRAIN_COUNT,
+                      test_count=DEMO_TEST_COUNT, seed=DEMO_SEED):
+    """Writes the disc → square demo dataset to root/{trainA,trainB,testA,testB}; returns root.
+
+    Deterministic (same arguments, same bytes). Skipped if root/README.txt matches and
+    every image exists; README.txt is written last, so an interrupted run is redone.
+    """
+    readme = DEMO_README.format(lo=DEMO_OBJECT_FRACTION[0], hi=DEMO_OBJECT_FRACTION[1],
+                                train=train_count, test=test_count, size=image_size, seed=seed)
+    readme_path = os.path.join(root, 'README.txt')
+    plan = _demo_plan(root, train_count, test_count)
+    if os.path.isfile(readme_path) and all(os.path.isfile(p) for p, _ in plan):
+        with open(readme_path, encoding='utf-8') as f:
+            if f.read() == readme:
+                logging.info('Demo dataset already in %s', root)
+                return root
+    logging.info('Writing the demo dataset (%d images) to %s', len(plan), root)
+    for folder in DEMO_FOLDERS:
+        check_folder(os.path.join(root, folder))
+    for path, (folder_index, index) in plan:
+        # One random stream per image: the same image whatever the counts.
+        rng = np.random.default_rng([seed, folder_index, index])
+        shape = DEMO_SHAPES[DEMO_FOLDERS[folder_index][-1]]
+        image = _demo_image(rng, image_size, shape)
+        ok, data = cv2.imencode('.png', cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        if not ok:
+            raise UserError(f'Cannot encode demo image {path}.')
+        with open(path, 'wb') as f:
+            f.write(data.tobytes())
+    with open(readme_path, 'w', encoding='utf-8') as f:
+        f.write(readme)
+    return root
+
+
+# --- Pictures ------------------------------------------------------------------
+
+HEATMAP_ALPHA = 0.5          # attention overlays: half colour map, half input
+LABEL_HEIGHT = 14            # pixels of the caption strip above a sample sheet
+SHEET_COLUMNS = ('input', 'attention', 'translation', 'cycle', 'identity')
+
+
+def to_uint8(images):
+    """[-1, 1] floats -> uint8 by the original's ((x + 1) / 2 · 255) truncation."""
+    return inverse_transform(images)
+
+
+def write_image(path, rgb):
+    """Writes an RGB uint8 array [H, W, 3] (or [H, W]) with OpenCV; the format follows the name."""
+    check_folder(os.path.dirname(path) or '.')
+    image = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR) if rgb.ndim == 3 and rgb.shape[-1] == 3 else rgb
+    if not cv2.imwrite(path, image):
+        raise UserError(f'cannot write {path}: check that the folder is writable and has space')
+
+
+def heatmap_overlay(image, heatmap):
+    """A CAM heatmap [h, w] stretched to [0, 1], coloured (jet) and laid over `image` [S, S, 3] uint8."""
+    lo, hi = float(np.min(heatmap)), float(np.max(heatmap))
+    scaled = (heatmap - lo) / (hi - lo) if hi > lo else np.zeros_like(heatmap)
+    size = (image.shape[1], image.shape[0])
+    coloured = cv2.applyColorMap(cv2.resize(np.uint8(scaled * 255), size), cv2.COLORMAP_JET)
+    coloured = cv2.cvtColor(coloured, cv2.COLOR_BGR2RGB)
+    if image.ndim == 2 or image.shape[-1] == 1:
+        image = np.repeat(image.reshape(image.shape[0], image.shape[1], 1), 3, axis=-1)
+    return np.uint8(HEATMAP_ALPHA * coloured + (1 - HEATMAP_ALPHA) * image)
+
+
+def sample_sheet(rows):
+    """The training sample picture: for each direction and image, one row of
+    input | attention over the input | translation | cycle reconstruction | identity.
+
+    `rows`: {'A2B': {'input', 'heatmap', 'translation', 'cycle', 'identity'}, 'B2A': ...}
+    with images [B, S, S, C] in [-1, 1] and heatmaps [B, h, w]. Returns RGB uint8 with a
+    caption strip on top.
+    """
+    lines = []
+    for direction in sorted(rows):
+        part = rows[direction]
+        inputs = to_uint8(part['input'])
+        for i in range(inputs.shape[0]):
+            tiles = [inputs[i], heatmap_overlay(inputs[i], part['heatmap'][i])]
+            tiles += [to_uint8(part[k][i]) for k in ('translation', 'cycle', 'identity')]
+            tiles = [np.repeat(t, 3, axis=-1) if t.shape[-1] == 1 else t for t in tiles]
+            lines.append(np.concatenate(tiles, axis=1))
+    sheet = np.concatenate(lines, axis=0)
+    strip = np.full((LABEL_HEIGHT, sheet.shape[1], 3), 255, np.uint8)
+    width = sheet.shape[1] // len(SHEET_COLUMNS)
+    for k, name in enumerate(SHEET_COLUMNS):
+        cv2.putText(strip, name, (k * width + 2, LABEL_HEIGHT - 4), cv2.FONT_HERSHEY_PLAIN,
+                    0.8, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([strip, sheet], axis=0)
+
+
+# --- Progress and loss history ---------------------------------------------------
+
+RATE_WINDOW = 20             # it/s and ETA from the last N step times (tracing drops out)
+
+
+class Progress:
+    """One progress line per step: epoch, step, it/s, ETA and the losses.
+
+    On a terminal the line is rewritten in place; otherwise (a log file) every
+    step prints a plain line, with no control codes.
+    """
+
+    def __init__(self, total, done, stream=None):
+        self.total, self.done = total, done
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.step_times = collections.deque(maxlen=RATE_WINDOW)
+        self.last = time.perf_counter()
+        self.open_line = False
+
+    def update(self, epoch, idx, iteration, d_loss, g_loss):
+        now = time.perf_counter()
+        self.step_times.append(now - self.last)
+        self.last = now
+        self.done += 1
+        seconds_per_step = sum(self.step_times) / len(self.step_times)
+        eta = format_duration((self.total - self.done) * seconds_per_step)
+        line = (f'Epoch: [{epoch:3d}] [{idx + 1:5d}/{iteration:5d}] step {self.done}/{self.total} '
+                f'{1 / max(seconds_per_step, 1e-9):6.2f} it/s ETA {eta} '
+                f'd_loss: {d_loss:.8f}, g_loss: {g_loss:.8f}')
+        if self.tty:
+            self.stream.write('\r\x1b[K' + line)
+            self.open_line = True
+        else:
+            self.stream.write(line + '\n')
+        self.stream.flush()
+
+    def note(self, message):
+        """A message on its own line (does not disturb the progress line)."""
+        self.close()
+        self.stream.write(message + '\n')
+        self.stream.flush()
+
+    def close(self):
+        if self.open_line:
+            self.stream.write('\n')
+            self.open_line = False
+
+
+def format_duration(seconds):
+    seconds = int(max(seconds, 0))
+    days, rest = divmod(seconds, 86400)
+    text = f'{rest // 3600:d}:{rest % 3600 // 60:02d}:{rest % 60:02d}'
+    return f'{days}d {text}' if days else text
+
+
+class LossHistory:
+    """Losses per step, appended to a JSON-lines file (survives restarts) and plotted."""
+
+    def __init__(self, path):
+        self.path = path
+        check_folder(os.path.dirname(path) or '.')
+
+    def append(self, step, losses):
+        with open(self.path, 'a') as f:
+            f.write(json.dumps({'step': int(step), **{k: float(v) for k, v in losses.items()}}) + '\n')
+
+    def read(self):
+        """{step: losses}, the last record of a step winning (a resumed run may repeat steps)."""
+        records = {}
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        continue  # a line cut by a crash
+                    records[record.pop('step')] = record
+        return records
+
+    def plot(self, path):
+        """A PNG of the totals and of each weighted G term, by step."""
+        import matplotlib
+        matplotlib.use('Agg')
+        from matplotlib import pyplot as plt
+        records = self.read()
+        steps = sorted(records)
+        panels = [('totals', ('Discriminator_loss', 'Generator_loss')),
+                  ('D per domain', ('D_A_loss', 'D_B_loss')),
+                  ('G_A (B→A) terms', ('G_A_gan', 'G_A_cycle', 'G_A_identity', 'G_A_cam')),
+                  ('G_B (A→B) terms', ('G_B_gan', 'G_B_cycle', 'G_B_identity', 'G_B_cam'))]
+        fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.6 * len(panels)), sharex=True)
+        for ax, (title, names) in zip(axes, panels):
+            for name in names:
+                points = [(s, records[s][name]) for s in steps if name in records[s]]
+                if points:
+                    ax.plot(*zip(*points), label=name, linewidth=0.8)
+            ax.set_title(title, fontsize=9)
+            ax.set_yscale('symlog', linthresh=1e-2)
+            ax.legend(fontsize=7, loc='upper right')
+        axes[-1].set_xlabel('step')
+        fig.tight_layout()
+        tmp = path + '.tmp.png'
+        fig.savefig(tmp, dpi=90)
+        plt.close(fig)
+        os.replace(tmp, path)
+
+
+# --- Checkpoint files ----------------------------------------------------------------
+
+CHECKPOINT_STATE = 'checkpoint'       # TF's state file: which checkpoints exist, the newest last
+TMP_PREFIX = '.tmp-'
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checkpoint_files(prefix):
+    return [prefix + '.index'] + glob.glob(glob.escape(prefix) + '.data-*')
+
+
+def write_checkpoint(directory, name, tensors, max_to_keep, marker_key):
+    """Writes a name-based (TF1 `Saver`-format) checkpoint `directory/name`; returns its prefix.
+
+    `tensors`: {name: tensor or array}. The files are written under a temporary
+    name, flushed to disk and renamed (the index last), then the `checkpoint`
+    state file is replaced: a crash at any moment leaves the previous newest
+    checkpoint complete and listed. Then the oldest checkpoints that hold
+    `marker_key` (ours) beyond `max_to_keep` are deleted; others are kept.
+    """
+    check_folder(directory)
+    tmp = os.path.join(directory, TMP_PREFIX + name)
+    final = os.path.join(directory, name)
+    names = sorted(tensors)
+    try:
+        tf.raw_ops.SaveV2(prefix=tmp, tensor_names=names, shape_and_slices=[''] * len(names),
+                          tensors=[tensors[n] for n in names])
+        data = [p for p in checkpoint_files(tmp) if not p.endswith('.index')]
+        for path in data + [tmp + '.index']:
+            _fsync(path)
+            os.replace(path, final + path[len(tmp):])
+    except (tf.errors.OpError, OSError) as err:
+        for path in checkpoint_files(tmp):
+            os.remove(path)
+        raise UserError(f'cannot save checkpoint {final}: {getattr(err, "message", err)} '
+                        '(the previous checkpoints are intact)') from err
+    _update_checkpoint_state(directory, name, max_to_keep, marker_key)
+    return final
+
+
+def _checkpoint_prefixes(directory):
+    """Complete checkpoints in `directory` (an index and its data), oldest first by counter."""
+    prefixes = [p[:-len('.index')] for p in glob.glob(os.path.join(glob.escape(directory), '*.index'))
+                if not os.path.basename(p).startswith(TMP_PREFIX)]
+    step = lambda p: int(m.group(1)) if (m := re.search(r'-(\d+)$', p)) else -1
+    return sorted((p for p in prefixes if len(checkpoint_files(p)) > 1), key=step)
+
+
+def _update_checkpoint_state(directory, newest, max_to_keep, marker_key):
+    prefixes = [p for p in _checkpoint_prefixes(directory) if os.path.basename(p) != newest]
+    prefixes.append(os.path.join(directory, newest))
+    ours = []
+    for prefix in prefixes:
+        try:
+            if tf.train.load_checkpoint(prefix).has_tensor(marker_key):
+                ours.append(prefix)
+        except (tf.errors.OpError, ValueError):
+            continue
+    stale = ours[:-max_to_keep] if max_to_keep else []
+    kept = [p for p in prefixes if p not in stale]
+    lines = [f'model_checkpoint_path: "{newest}"']
+    lines += [f'all_model_checkpoint_paths: "{os.path.basename(p)}"' for p in kept]
+    tmp = os.path.join(directory, TMP_PREFIX + CHECKPOINT_STATE)
+    with open(tmp, 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(directory, CHECKPOINT_STATE))
+    for prefix in stale:
+        for path in checkpoint_files(prefix):
+            os.remove(path)
+
+
+# --- Test-phase outputs ------------------------------------------------------------
+
+def save_translation(out_dir, name, image, fake, heatmap):
+    """Writes `out_dir/<name>` (translation), `out_dir/input/<name>` (the model's input) and
+    `out_dir/attention/<name>` (heatmap over the input); returns the paths for the index."""
+    source = to_uint8(image)
+    paths = {'name': name,
+             'input': os.path.join(out_dir, 'input', name),
+             'attention': os.path.join(out_dir, 'attention', name),
+             'output': os.path.join(out_dir, name)}
+    write_image(paths['input'], source)
+    write_image(paths['attention'], heatmap_overlay(source, heatmap))
+    write_image(paths['output'], to_uint8(fake))
+    return paths
+
+
+def write_index_html(root, sections, img_size):
+    """`root/index.html`: per direction, one row per image (name, input, attention, output),
+    every image linked relative to `root` so that the folder can be moved or zipped."""
+    def img(path):
+        rel = html.escape(os.path.relpath(path, root).replace(os.sep, '/'), quote=True)
+        return f'<td><img src="{rel}" width="{img_size}" height="{img_size}" alt=""></td>'
+
+    parts = ['<!DOCTYPE html>', '<html lang="en">', '<head><meta charset="utf-8">',
+             '<title>U-GAT-IT results</title>',
+             '<style>body{font-family:sans-serif} td{padding:2px} th{text-align:left}</style>',
+             '</head>', '<body>']
+    for direction, rows in sections:
+        parts += [f'<h2>{html.escape(direction)}</h2>', '<table>',
+                  '<tr><th>name</th><th>input</th><th>attention</th><th>output</th></tr>']
+        for row in rows:
+            parts.append(f'<tr><td>{html.escape(row["name"])}</td>{img(row["input"])}'
+                         f'{img(row["attention"])}{img(row["output"])}</tr>')
+        parts.append('</table>')
+    parts += ['</body>', '</html>']
+    path = os.path.join(check_folder(root), 'index.html')
+    with open(path, 'w', encoding='utf-8') as f:
+        f.write('\n'.join(parts) + '\n')
     return path

@@ -1,0 +1,182 @@
+"""U-GAT-IT command line: the original release's flags, then train or test.
+
+    python main.py --dataset selfie2anime --light True          # train
+    python main.py --dataset selfie2anime --phase test          # translate testA/testB
+
+Every flag of the original `main.py` keeps its name and default. Booleans
+accept true/false/1/0/yes/no in any case, as `--light False`, `--light=false`,
+`--light` or `--nolight`. Bad flags and bad input give one line on stderr
+(exit status 2 for flags, 1 for everything else); `--debug` shows tracebacks.
+"""
+
+import dataclasses
+import os
+import sys
+
+from absl import flags, logging
+
+FLAGS = flags.FLAGS
+# absl.logging defines its own --log_dir (for log files, which we do not write); the
+# original's --log_dir (TensorBoard) keeps its name, so absl's gives way.
+if 'log_dir' in FLAGS:
+    delattr(FLAGS, 'log_dir')
+
+TRUE_WORDS = ('true', '1', 'yes')
+FALSE_WORDS = ('false', '0', 'no')
+EXIT_USAGE, EXIT_FAILURE = 2, 1
+
+
+class StrictBoolParser(flags.BooleanParser):
+    """true/false/1/0/yes/no in any case, nothing else (the original read '1' and 'yes' as False)."""
+
+    def parse(self, argument):
+        if isinstance(argument, bool):
+            return argument
+        word = str(argument).strip().lower()
+        if word in TRUE_WORDS:
+            return True
+        if word in FALSE_WORDS:
+            return False
+        raise ValueError(f'{argument!r} is not a boolean: use true or false')
+
+
+def define_bool(name, default, help_text):
+    flags.DEFINE_flag(flags.Flag(StrictBoolParser(), None, name, default, help_text, boolean=True))
+
+
+# The original's flags, in its order, with its defaults.
+flags.DEFINE_enum('phase', 'train', ['train', 'test'], 'train or test')
+define_bool('light', False, 'light model: the gamma/beta MLP sees pooled features (the paper version is full)')
+flags.DEFINE_string('dataset', 'selfie2anime', 'dataset folder name under --dataset_dir (demo: a built-in synthetic one)')
+flags.DEFINE_integer('epoch', 100, 'number of epochs; one epoch is --iteration steps')
+flags.DEFINE_integer('iteration', 10000, 'steps per epoch')
+flags.DEFINE_integer('batch_size', 1, 'images per domain per step')
+flags.DEFINE_integer('print_freq', 1000, 'save sample images every N steps')
+flags.DEFINE_integer('save_freq', 1000, 'save a checkpoint every N steps')
+define_bool('decay_flag', True, 'decay the learning rate linearly from --decay_epoch on')
+flags.DEFINE_integer('decay_epoch', 50, 'epoch at which the decay starts')
+flags.DEFINE_float('lr', 0.0001, 'learning rate of both optimizers')
+flags.DEFINE_integer('GP_ld', 10, 'gradient-penalty weight (wgan-gp, wgan-lp, dragan)')
+flags.DEFINE_integer('adv_weight', 1, 'weight of the adversarial losses')
+flags.DEFINE_integer('cycle_weight', 10, 'weight of the cycle-consistency losses')
+flags.DEFINE_integer('identity_weight', 10, 'weight of the identity losses')
+flags.DEFINE_integer('cam_weight', 1000, 'weight of the CAM losses')
+flags.DEFINE_enum('gan_type', 'lsgan', ['lsgan', 'gan', 'hinge', 'wgan', 'wgan-gp', 'wgan-lp', 'dragan'],
+                  'adversarial loss')
+define_bool('smoothing', True, 'AdaLIN uses clip(rho - 0.1, 0, 1)')
+flags.DEFINE_integer('ch', 64, 'base channel count')
+flags.DEFINE_integer('n_res', 4, 'residual blocks in the encoder and in the decoder')
+flags.DEFINE_integer('n_dis', 6, 'discriminator depth (global: n_dis - 1 stride-2 convs)')
+flags.DEFINE_integer('n_critic', 1, 'discriminator updates per generator update')
+define_bool('sn', True, 'spectral normalisation in the discriminators')
+flags.DEFINE_integer('img_size', 256, 'image side in pixels')
+flags.DEFINE_integer('img_ch', 3, 'image channels (1 or 3)')
+define_bool('augment_flag', True, 'training augmentation: flip, resize up, random crop')
+flags.DEFINE_string('checkpoint_dir', 'checkpoint', 'where checkpoints go (a folder per run)')
+flags.DEFINE_string('result_dir', 'results', 'where test outputs go')
+flags.DEFINE_string('log_dir', 'logs', 'where TensorBoard logs go')
+flags.DEFINE_string('sample_dir', 'samples', 'where training samples go')
+# Ours.
+flags.DEFINE_string('dataset_dir', 'dataset', 'the folder holding the datasets')
+flags.DEFINE_integer('seed', None, 'seed for initialisation, data order, augmentation and noise')
+flags.DEFINE_string('init_from', '', 'train: start a new run from the weights of this checkpoint '
+                    '(a folder or file, ours or the original release\'s)')
+flags.DEFINE_string('checkpoint', '', 'test: use this checkpoint (a folder or file) instead of the '
+                    'newest in checkpoint_dir/model_dir')
+flags.DEFINE_boolean('debug', False, 'show Python tracebacks')
+
+FLAGFILE_NAME = 'flags.txt'
+
+
+def normalise_bool_args(argv):
+    """`--light False` -> `--light=False`: absl would read it as `--light` plus a stray word."""
+    names = {name for name, flag in FLAGS._flags().items() if flag.boolean}
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        name = arg[2:] if arg.startswith('--') and '=' not in arg else None
+        if name in names and i + 1 < len(argv) and not argv[i + 1].startswith('-'):
+            out.append(f'{arg}={argv[i + 1]}')
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
+def fail(message, status):
+    print(f'error: {message}', file=sys.stderr)
+    sys.exit(status)
+
+
+def parse_args(argv):
+    try:
+        rest = FLAGS(normalise_bool_args(argv))
+    except flags.Error as err:
+        fail(f'{err}', EXIT_USAGE)
+    if len(rest) > 1:
+        fail(f'unexpected argument {rest[1]!r}: flags are written --name value or --name=value',
+             EXIT_USAGE)
+
+
+def our_flags():
+    return FLAGS.get_flags_for_module(sys.modules[__name__])
+
+
+def make_config():
+    import UGATIT  # after flag parsing: TensorFlow loads in ~3 s
+    fields = {f.name for f in dataclasses.fields(UGATIT.Config)}
+    return UGATIT.Config(**{f.name: f.value for f in our_flags() if f.name in fields})
+
+
+def save_flagfile(config):
+    """The resolved flags in the run folder, replayable with --flagfile."""
+    import utils
+    folder = utils.check_folder(os.path.join(config.checkpoint_dir, config.model_dir))
+    text = ''.join(f'{f.serialize()}\n' for f in our_flags() if f.name != 'debug' and f.value is not None)
+    with open(os.path.join(folder, FLAGFILE_NAME), 'w') as f:
+        f.write(text)
+
+
+def run(config):
+    import UGATIT
+    import utils
+    print(' '.join(f'{f.name}={f.value}' for f in our_flags() if f.name != 'debug'), flush=True)
+    model = UGATIT.UGATIT(config)
+    for net in model.networks:
+        print(f'{net.name}: {net.count_params():,} parameters', flush=True)
+    if config.phase == 'train':
+        save_flagfile(config)
+        counter = model.train()
+        print(f'done: {counter - 1} steps; checkpoints in '
+              f'{os.path.join(config.checkpoint_dir, config.model_dir)}')
+    else:
+        page = model.test()
+        print(f'done: results in {page}')
+    return utils
+
+
+def main(argv):
+    parse_args(argv)
+    logging.set_verbosity(logging.INFO)
+    import utils
+    try:
+        config = make_config()
+        config.validate()
+    except utils.UserError as err:
+        fail(str(err), EXIT_USAGE)
+    if config.seed is not None:
+        import keras
+        keras.utils.set_random_seed(config.seed)
+    try:
+        run(config)
+    except utils.UserError as err:
+        if FLAGS.debug:
+            raise
+        fail(str(err), EXIT_FAILURE)
+    except KeyboardInterrupt:
+        fail('interrupted; the last checkpoint is kept', EXIT_FAILURE)
+
+
+if __name__ == '__main__':
+    main(sys.argv)

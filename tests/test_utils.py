@@ -1,0 +1,461 @@
+"""Tests of utils.py: file listing, the training pipeline, test-image I/O and the demo data.
+
+Spec §10. Every image is generated here in tmp_path (PIL for the formats OpenCV
+cannot write, such as palette PNG and animated GIF). Expected pixels come from the
+arrays we wrote and from a NumPy version of the legacy bilinear kernel, not from utils.
+"""
+import hashlib
+import logging
+import os
+
+import cv2
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+import utils
+
+SIZE = 8                      # training side S in most tests
+SRC_H, SRC_W = 6, 10          # source images: non-square, and S/H, S/W are exact in binary
+NORM_ATOL = 1e-5              # float32 round-off on the [-1, 1] scale
+ONE_LEVEL = 1 / 127.5         # one 8-bit level on the [-1, 1] scale
+JPEG_ATOL = 10 * ONE_LEVEL    # TF decodes JPEG with libjpeg's fast integer IDCT (as the original);
+                              # OpenCV's accurate IDCT differs by up to 8 levels on sharp edges
+PALETTE = np.array([[0, 0, 0], [255, 255, 255], [255, 0, 0], [0, 200, 0], [0, 0, 255],
+                    [250, 220, 20], [30, 180, 200], [140, 60, 170]], dtype=np.uint8)
+
+
+# --- helpers ---------------------------------------------------------------------
+
+def pattern(seed=0, h=SRC_H, w=SRC_W):
+    """uint8 [h, w, 3] of PALETTE colours: lossless in every format, GIF included."""
+    return PALETTE[np.random.default_rng(seed).integers(0, len(PALETTE), (h, w))]
+
+
+def write_rgb(path, rgb, **options):
+    Image.fromarray(rgb).save(path, **options)
+    return str(path)
+
+
+def np_legacy_resize(img, size):
+    """TF1 bilinear (align_corners=False, no half-pixel centres) in float64: [H, W, C] → [S, S, C]."""
+    img = np.float64(img)
+    h, w = img.shape[:2]
+
+    def taps(n_in):
+        src = np.arange(size) * (n_in / size)
+        lo = np.floor(src).astype(int)
+        return lo, np.minimum(lo + 1, n_in - 1), (src - lo)
+
+    y0, y1, fy = taps(h)
+    x0, x1, fx = taps(w)
+    fx = fx[None, :, None]
+    top = img[y0][:, x0] + (img[y0][:, x1] - img[y0][:, x0]) * fx
+    bottom = img[y1][:, x0] + (img[y1][:, x1] - img[y1][:, x0]) * fx
+    return top + (bottom - top) * fy[:, None, None]
+
+
+def expected_train(rgb, size=SIZE):
+    """What the pipeline should give for decoded pixels `rgb` without augmentation."""
+    return np_legacy_resize(rgb, size) / 127.5 - 1
+
+
+def batches(files, n=1, size=SIZE, img_ch=3, batch_size=1, augment=False, seed=0):
+    """The first `n` batches of a fresh build_dataset, as a NumPy [n, B, S, S, C] array."""
+    ds = utils.build_dataset([str(f) for f in files], size, img_ch, batch_size, augment, seed=seed)
+    return np.stack([b.numpy() for b in ds.take(n)])
+
+
+def warnings_text(caplog):
+    return '\n'.join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+
+
+# --- list_images -----------------------------------------------------------------
+
+def test_list_images_sorted_skips_dotfiles_dirs_and_counts_non_images(tmp_path, caplog):
+    """Images of any extension case, sorted; dot-files and folders skipped; others counted."""
+    for name in ('b.png', 'a.JPG', 'c.webp', 'd.jpeg', 'e.bmp', 'f.gif', '.hidden.png',
+                 'notes.txt', 'labels.csv', 'scan.tif'):
+        (tmp_path / name).write_bytes(b'x')
+    (tmp_path / 'folder.png').mkdir()
+    with caplog.at_level(logging.WARNING):
+        found = utils.list_images(str(tmp_path))
+    names = [os.path.basename(f) for f in found]
+    assert names == ['a.JPG', 'b.png', 'c.webp', 'd.jpeg', 'e.bmp', 'f.gif']
+    assert all(os.path.dirname(f) == str(tmp_path) for f in found)
+    text = warnings_text(caplog)
+    assert 'Ignoring 3 non-image file(s)' in text and 'labels.csv' in text
+    assert '.hidden' not in text and 'folder.png' not in text
+
+
+def test_list_images_missing_folder_names_folder_and_fix(tmp_path):
+    folder = tmp_path / 'foo' / 'trainA'
+    with pytest.raises(utils.UserError) as err:
+        utils.list_images(str(folder))
+    message = str(err.value)
+    assert str(folder) in message and 'does not exist' in message
+    assert 'domain-A training images' in message and '--dataset' in message
+    assert '\n' not in message
+
+
+@pytest.mark.parametrize('contents', [(), ('readme.txt', '.DS_Store')])
+def test_list_images_without_images_is_user_error(tmp_path, contents):
+    folder = tmp_path / 'testB'
+    folder.mkdir()
+    for name in contents:
+        (folder / name).write_bytes(b'x')
+    with pytest.raises(utils.UserError, match='has no image.*domain-B test images'):
+        utils.list_images(str(folder))
+
+
+# --- the legacy resize -------------------------------------------------------------
+
+def test_legacy_resize_matches_hand_values_and_tf1_not_tf2():
+    """2×3 ramp f = 3·row + col → 4×4: source = dest · in/out, clamped at the last pixel."""
+    ramp = np.float32([[0, 1, 2], [3, 4, 5]])[..., None]
+    # rows sample 0, .5, 1, 1(.5 clamped); columns 0, .75, 1.5, 2(.25 clamped)
+    hand = np.float32([[0, .75, 1.5, 2], [1.5, 2.25, 3, 3.5], [3, 3.75, 4.5, 5], [3, 3.75, 4.5, 5]])
+    ours = utils.legacy_resize_bilinear(tf.constant(ramp), 4).numpy()
+    np.testing.assert_allclose(ours[..., 0], hand, atol=1e-6)
+    tf1 = tf.compat.v1.image.resize_bilinear(ramp[None], [4, 4], align_corners=False,
+                                             half_pixel_centers=False)[0].numpy()
+    np.testing.assert_array_equal(ours, tf1)
+    tf2 = tf.image.resize(ramp, [4, 4]).numpy()
+    assert np.abs(tf2 - ours).max() > 0.3
+
+
+def test_legacy_resize_of_uint8_gives_float32_like_numpy_oracle():
+    rgb = pattern(3)
+    ours = utils.legacy_resize_bilinear(tf.constant(rgb), 7)
+    assert ours.dtype == tf.float32 and ours.shape == (7, 7, 3)
+    np.testing.assert_allclose(ours.numpy(), np_legacy_resize(rgb, 7), rtol=1e-6, atol=1e-4)
+
+
+# --- decoding every format -------------------------------------------------------
+
+def _jpeg(path, rgb):
+    write_rgb(path, rgb, quality=95)
+    return cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+
+
+def _png_gray(path, rgb):
+    write_rgb(path, rgb[..., 1])
+    return np.repeat(rgb[..., 1:2], 3, axis=-1)
+
+
+def _png_rgba(path, rgb):
+    alpha = np.full(rgb.shape[:2] + (1,), 77, np.uint8)
+    write_rgb(path, np.concatenate([rgb, alpha], axis=-1))
+    return rgb
+
+
+def _png_gray_alpha(path, rgb):
+    Image.fromarray(np.stack([rgb[..., 2], np.full(rgb.shape[:2], 90, np.uint8)], -1), 'LA').save(path)
+    return np.repeat(rgb[..., 2:3], 3, axis=-1)
+
+
+def _png_palette(path, rgb):
+    Image.fromarray(rgb).convert('P').save(path)
+    return np.asarray(Image.open(path).convert('RGB'))
+
+
+def _png_16bit(path, rgb):
+    deep = rgb.astype(np.uint16) * 257 + np.uint16(200)   # not a multiple of 257
+    cv2.imwrite(str(path), cv2.cvtColor(deep, cv2.COLOR_RGB2BGR))
+    return deep / 257                                     # the 0..255 scale, ± 1 level
+
+
+def _gif_animated(path, rgb):
+    frames = [Image.fromarray(rgb), Image.fromarray(255 - rgb)]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=50, loop=0)
+    return rgb                                            # first frame only
+
+
+FORMATS = {   # name: (file name, writer returning the expected RGB pixels, atol)
+    'jpeg': ('img.jpg', _jpeg, JPEG_ATOL),
+    'png_rgb': ('img.png', lambda p, rgb: (write_rgb(p, rgb), rgb)[1], NORM_ATOL),
+    'png_gray': ('img.png', _png_gray, NORM_ATOL),
+    'png_rgba': ('img.png', _png_rgba, NORM_ATOL),
+    'png_gray_alpha': ('img.png', _png_gray_alpha, NORM_ATOL),
+    'png_palette': ('img.png', _png_palette, NORM_ATOL),
+    'png_16bit': ('img.png', _png_16bit, ONE_LEVEL + NORM_ATOL),
+    'bmp': ('img.bmp', lambda p, rgb: (write_rgb(p, rgb), rgb)[1], NORM_ATOL),
+    'gif_animated': ('img.gif', _gif_animated, NORM_ATOL),
+    'webp_lossless': ('img.webp', lambda p, rgb: (write_rgb(p, rgb, lossless=True), rgb)[1], NORM_ATOL),
+}
+
+
+@pytest.mark.parametrize('fmt', sorted(FORMATS))
+def test_every_format_decodes_to_rgb_in_range(tmp_path, fmt):
+    """Each format/mode gives [1, S, S, 3] float32 in [-1, 1] equal to the written pixels."""
+    name, writer, atol = FORMATS[fmt]
+    expected_rgb = writer(tmp_path / name, pattern())
+    out = batches([tmp_path / name])[0]
+    assert out.dtype == np.float32 and out.shape == (1, SIZE, SIZE, 3)
+    assert out.min() >= -1 and out.max() <= 1
+    np.testing.assert_allclose(out[0], expected_train(expected_rgb), atol=atol)
+
+
+@pytest.mark.parametrize('fmt', ['png_rgb', 'png_gray', 'bmp', 'gif_animated', 'webp_lossless'])
+def test_one_channel_output_for_every_format(tmp_path, fmt):
+    """img_ch 1 works even where TF's decoder has no 1-channel mode (BMP, GIF, WebP)."""
+    name, writer, _ = FORMATS[fmt]
+    expected_rgb = writer(tmp_path / name, pattern())
+    out = batches([tmp_path / name], img_ch=1)[0]
+    assert out.shape == (1, SIZE, SIZE, 1)
+    assert out.min() >= -1 and out.max() <= 1
+    gray = expected_rgb @ np.float64([0.2989, 0.5870, 0.1140])   # tf.image.rgb_to_grayscale
+    np.testing.assert_allclose(out[0, ..., 0], expected_train(gray[..., None])[..., 0],
+                               atol=ONE_LEVEL + NORM_ATOL)
+
+
+def test_unsupported_img_ch_is_user_error(tmp_path):
+    with pytest.raises(utils.UserError, match='img_ch 4'):
+        utils.build_dataset([write_rgb(tmp_path / 'a.png', pattern())], SIZE, 4, 1, False)
+
+
+# --- unreadable files ------------------------------------------------------------
+
+def test_unreadable_files_are_skipped_by_name(tmp_path, caplog):
+    good = [write_rgb(tmp_path / f'good{i}.png', pattern(i)) for i in range(2)]
+    jpeg = (tmp_path / 'whole.jpg')
+    write_rgb(jpeg, pattern(), quality=90)
+    bad = {'empty.png': b'', 'truncated.jpg': jpeg.read_bytes()[:len(jpeg.read_bytes()) // 2],
+           'garbage.gif': b'this is not a gif' * 8}
+    for name, data in bad.items():
+        (tmp_path / name).write_bytes(data)
+    files = utils.list_images(str(tmp_path))
+    with caplog.at_level(logging.WARNING):
+        usable = utils.validate_images(files, 3)
+    assert usable == sorted(good + [str(jpeg)])
+    text = warnings_text(caplog)
+    for name in bad:
+        assert f'Skipping unreadable image {tmp_path / name}' in text
+    assert 'Input is empty' in text                 # the decoder's reason is kept
+    assert 'good0' not in text and 'whole.jpg' not in text
+    out = batches(files, n=4, batch_size=3)         # training goes on with the rest
+    assert out.shape == (4, 3, SIZE, SIZE, 3)
+
+
+def test_no_readable_file_is_user_error(tmp_path):
+    (tmp_path / 'a.png').write_bytes(b'')
+    (tmp_path / 'b.jpg').write_bytes(b'\xff\xd8\xff')
+    with pytest.raises(utils.UserError, match=f'None of the 2 images in {tmp_path}'):
+        utils.build_dataset(utils.list_images(str(tmp_path)), SIZE, 3, 1, False)
+
+
+def test_fewer_readable_files_than_batch_is_user_error(tmp_path):
+    files = [write_rgb(tmp_path / f'{i}.png', pattern(i)) for i in range(3)]
+    (tmp_path / 'bad.png').write_bytes(b'')
+    with pytest.raises(utils.UserError, match='Only 3 readable image.*--batch_size 4'):
+        utils.build_dataset(files + [str(tmp_path / 'bad.png')], SIZE, 3, 4, False)
+
+
+# --- shuffling, batching, seeds --------------------------------------------------
+
+def gray_files(tmp_path, n):
+    """n flat gray images with levels 0, 50, 100, ...: the level identifies the file."""
+    return [write_rgb(tmp_path / f'{i}.png', np.full((4, 4, 3), 50 * i, np.uint8)) for i in range(n)]
+
+
+def test_each_pass_is_a_full_permutation_reshuffled(tmp_path):
+    """Batch = file count: every batch holds every file once, in a new order."""
+    n = 5
+    out = batches(gray_files(tmp_path, n), n=8, batch_size=n)
+    levels = np.rint((out[..., 0, 0, 0] + 1) * 127.5 / 50).astype(int)   # [passes, n]
+    for order in levels:
+        assert sorted(order) == list(range(n))
+    assert len({tuple(order) for order in levels}) > 1
+
+
+def test_drop_remainder_gives_static_batch_shape(tmp_path):
+    ds = utils.build_dataset(gray_files(tmp_path, 5), SIZE, 3, 3, True, seed=0)
+    assert ds.element_spec.shape == (3, SIZE, SIZE, 3)
+    assert ds.element_spec.dtype == tf.float32
+    for batch in ds.take(4):   # 4 × 3 crosses two passes of 5 files
+        assert batch.shape == (3, SIZE, SIZE, 3)
+
+
+def test_seed_reproduces_batches_and_other_seeds_differ(tmp_path):
+    files = [write_rgb(tmp_path / f'{i}.png', pattern(i)) for i in range(6)]
+    first = batches(files, n=3, batch_size=2, augment=True, seed=7)
+    np.testing.assert_array_equal(first, batches(files, n=3, batch_size=2, augment=True, seed=7))
+    assert not np.array_equal(first, batches(files, n=3, batch_size=2, augment=True, seed=8))
+    unseeded = [batches(files, n=3, batch_size=2, augment=True, seed=None) for _ in range(2)]
+    assert not np.array_equal(*unseeded)
+
+
+# --- augmentation ----------------------------------------------------------------
+
+def test_augment_size_rule():
+    assert utils.augment_size(256) == 286
+    assert utils.augment_size(128) == 143
+    assert utils.augment_size(SIZE) == SIZE + 15
+
+
+def test_unaugmented_output_is_deterministic(tmp_path):
+    rgb = pattern(5)
+    path = write_rgb(tmp_path / 'a.png', rgb)
+    out = batches([path], n=4, seed=None)
+    for image in out.reshape(-1, SIZE, SIZE, 3):
+        np.testing.assert_allclose(image, expected_train(rgb), atol=NORM_ATOL)
+
+
+def test_augmentation_is_drawn_per_image_and_follows_the_spec(tmp_path):
+    """Every image: random flip, legacy resize of the normalised image to S+15, random crop.
+
+    The original's trace-time coin augments all images or none for a whole run; here
+    each image must be a crop of the enlarged image, some flipped and some not.
+    """
+    ramp = np.uint8(np.linspace(0, 255, SRC_W))[None, :, None]
+    rgb = np.broadcast_to(ramp, (SRC_H, SRC_W, 3)) // np.uint8([1, 2, 3])   # rising left to right
+    out = batches([write_rgb(tmp_path / 'ramp.png', rgb)], n=32, augment=True, seed=3)[:, 0]
+    plain = expected_train(rgb)
+
+    def enlarge(image):   # the legacy kernel is not mirror-symmetric: flip first, then resize
+        return tf.compat.v1.image.resize_bilinear(
+            np.float32(image)[None], [SIZE + 15] * 2, align_corners=False,
+            half_pixel_centers=False)[0].numpy()
+
+    windows = {}
+    for flipped, source in ((False, enlarge(plain)), (True, enlarge(plain[:, ::-1]))):
+        for y in range(16):
+            for x in range(16):
+                windows[(flipped, y, x)] = source[y:y + SIZE, x:x + SIZE]
+    found = []
+    for image in out:
+        assert not np.allclose(image, plain, atol=1e-3)            # augmented, every one
+        matches = [k for k, w in windows.items() if np.allclose(image, w, atol=NORM_ATOL)]
+        assert matches, 'not a crop of the (flipped) enlarged image'
+        found.append(matches[0])
+    assert {k[0] for k in found} == {False, True}                   # flip is per image
+    assert len({k[1:] for k in found}) > 1                          # crop is per image
+
+
+# --- test images and saving ------------------------------------------------------
+
+def test_load_test_image_equals_cv2_hand_computation(tmp_path):
+    rgb = pattern(9, 20, 30)
+    path = write_rgb(tmp_path / 'a.png', rgb)
+    hand = cv2.resize(rgb, (16, 16), interpolation=cv2.INTER_LINEAR) / 127.5 - 1
+    out = utils.load_test_image(path, 16)
+    assert out.dtype == np.float32 and out.shape == (16, 16, 3)
+    np.testing.assert_allclose(out, hand, atol=1e-6)
+    square = pattern(9, 12, 12)   # at its own size cv2.resize copies the pixels
+    np.testing.assert_array_equal(utils.load_test_image(write_rgb(tmp_path / 'sq.png', square), 12),
+                                  np.float32(square / 127.5 - 1))
+    red = write_rgb(tmp_path / 'red.png', np.full((4, 4, 3), [255, 0, 0], np.uint8))
+    np.testing.assert_array_equal(utils.load_test_image(red, 4)[0, 0], [1, -1, -1])   # RGB order
+
+
+def test_load_test_image_gray_and_rgba_give_three_channels(tmp_path):
+    rgb = pattern(2)
+    gray = utils.load_test_image(write_rgb(tmp_path / 'g.png', rgb[..., 0]), SIZE)
+    assert gray.shape == (SIZE, SIZE, 3)
+    np.testing.assert_array_equal(gray[..., 0], gray[..., 2])
+    rgba = np.concatenate([rgb, np.zeros(rgb.shape[:2] + (1,), np.uint8)], axis=-1)
+    np.testing.assert_array_equal(utils.load_test_image(write_rgb(tmp_path / 'a.png', rgba), SIZE),
+                                  utils.load_test_image(write_rgb(tmp_path / 'b.png', rgb), SIZE))
+
+
+@pytest.mark.parametrize('data', [None, b'', b'not an image at all'])
+def test_load_test_image_unreadable_is_user_error(tmp_path, data):
+    path = tmp_path / 'broken.png'
+    if data is not None:
+        path.write_bytes(data)
+    with pytest.raises(utils.UserError, match=f'Cannot read image {path}'):
+        utils.load_test_image(str(path), SIZE)
+
+
+def test_inverse_transform_truncates_and_clips():
+    x = np.float32([-1.5, -1, -0.999, 0, 0.999, 1, 1.5])
+    out = utils.inverse_transform(x)
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, [0, 0, 0, 127, 254, 255, 255])
+
+
+def test_merge_puts_image_i_at_row_i_div_cols_col_i_mod_cols():
+    images = np.stack([np.full((2, 3, 3), i + 1, np.uint8) for i in range(5)])
+    grid = utils.merge(images, (2, 3))
+    assert grid.shape == (4, 9, 3) and grid.dtype == np.uint8
+    cells = grid.reshape(2, 2, 3, 3, 3).transpose(0, 2, 1, 3, 4)[..., 0, 0, 0]   # [row, col]
+    np.testing.assert_array_equal(cells, [[1, 2, 3], [4, 5, 0]])
+    with pytest.raises(ValueError):
+        utils.merge(images, (2, 2))
+
+
+def test_save_images_writes_rgb_grid(tmp_path):
+    rng = np.random.default_rng(0)
+    images = np.float32(rng.uniform(-1, 1, (3, 4, 5, 3)))
+    images[0, 0, 0] = [1, -1, -1]                                   # a red pixel
+    path = str(tmp_path / 'grid.png')
+    utils.save_images(images, [3, 1], path)
+    written = cv2.cvtColor(cv2.imread(path), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(written, utils.merge(utils.inverse_transform(images), (3, 1)))
+    np.testing.assert_array_equal(written[0, 0], [255, 0, 0])
+    with pytest.raises(utils.UserError, match='Cannot write'):
+        utils.save_images(images, [3, 1], str(tmp_path / 'missing' / 'grid.png'))
+
+
+# --- demo dataset ----------------------------------------------------------------
+
+def tree_hashes(root):
+    """{relative path: sha256} of every file under `root`."""
+    hashes = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            with open(path, 'rb') as f:
+                hashes[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+    return hashes
+
+
+@pytest.fixture(scope='module')
+def demo_root(tmp_path_factory):
+    return utils.make_demo_dataset(str(tmp_path_factory.mktemp('demo')))
+
+
+def test_demo_dataset_has_folders_counts_and_readme(demo_root):
+    for folder, count in (('trainA', utils.DEMO_TRAIN_COUNT), ('trainB', utils.DEMO_TRAIN_COUNT),
+                          ('testA', utils.DEMO_TEST_COUNT), ('testB', utils.DEMO_TEST_COUNT)):
+        files = utils.list_images(os.path.join(demo_root, folder))
+        assert len(files) == count
+    image = cv2.imread(files[0])
+    assert image.shape == (utils.DEMO_IMAGE_SIZE, utils.DEMO_IMAGE_SIZE, 3)
+    readme = open(os.path.join(demo_root, 'README.txt')).read()
+    assert 'disc' in readme and 'square' in readme
+
+
+def test_demo_dataset_is_deterministic_and_skipped_when_complete(demo_root, tmp_path):
+    second = utils.make_demo_dataset(str(tmp_path / 'again'))
+    assert tree_hashes(demo_root) == tree_hashes(second)
+    victim = os.path.join(second, 'testB', 'square_0003.png')
+    stamps = {p: os.stat(os.path.join(second, p)).st_mtime_ns for p in tree_hashes(second)}
+    utils.make_demo_dataset(second)                                      # complete: nothing written
+    assert stamps == {p: os.stat(os.path.join(second, p)).st_mtime_ns for p in stamps}
+    os.remove(victim)
+    utils.make_demo_dataset(second)                                      # incomplete: redone
+    assert tree_hashes(demo_root) == tree_hashes(second)
+
+
+def object_fill_ratio(path):
+    """Object pixels / area of their minimum rotated rectangle (disc ≈ π/4, square ≈ 1).
+
+    The object is the largest blob of the image's most frequent colour (it is drawn
+    flat on a noisy background).
+    """
+    image = cv2.imread(path).astype(int)
+    colours, counts = np.unique(image.reshape(-1, 3), axis=0, return_counts=True)
+    mask = (np.abs(image - colours[counts.argmax()]).max(-1) <= 2).astype(np.uint8)
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=4)
+    blob = (labels == 1 + stats[1:, cv2.CC_STAT_AREA].argmax()).astype(np.uint8)
+    (_, _), (w, h), _ = cv2.minAreaRect(cv2.findNonZero(blob))
+    return blob.sum() / ((w + 1) * (h + 1))   # +1: pixel centres to pixel extent
+
+
+def test_demo_domains_differ_in_shape(demo_root):
+    discs = [object_fill_ratio(f) for f in utils.list_images(os.path.join(demo_root, 'trainA'))[:10]]
+    squares = [object_fill_ratio(f) for f in utils.list_images(os.path.join(demo_root, 'testB'))[:10]]
+    np.testing.assert_allclose(discs, np.pi / 4, atol=0.06)
+    assert min(squares) > 0.88
