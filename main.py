@@ -2,6 +2,8 @@
 
     python main.py --dataset selfie2anime --light True          # train
     python main.py --dataset selfie2anime --phase test          # translate testA/testB
+    python main.py --dataset selfie2anime --phase test --input me.jpg --crop_face True
+    python main.py --dataset selfie2anime --phase export        # a SavedModel per direction
 
 Every flag of the original `main.py` keeps its name and default. Booleans
 accept true/false/1/0/yes/no in any case, as `--light False`, `--light=false`,
@@ -45,7 +47,8 @@ def define_bool(name, default, help_text):
 
 
 # The original's flags, in its order, with its defaults.
-flags.DEFINE_enum('phase', 'train', ['train', 'test'], 'train or test')
+flags.DEFINE_enum('phase', 'train', ['train', 'test', 'export'],
+                  'train, test, or export (a TensorFlow SavedModel per direction)')
 define_bool('light', False, 'light model: the gamma/beta MLP sees pooled features (the paper version is full)')
 flags.DEFINE_string('dataset', 'selfie2anime', 'dataset folder name under --dataset_dir (demo: a built-in synthetic one)')
 flags.DEFINE_integer('epoch', 100, 'number of epochs; one epoch is --iteration steps')
@@ -83,6 +86,12 @@ flags.DEFINE_string('init_from', '', 'train: start a new run from the weights of
                     '(a folder or file, ours or the original release\'s)')
 flags.DEFINE_string('checkpoint', '', 'test: use this checkpoint (a folder or file) instead of the '
                     'newest in checkpoint_dir/model_dir')
+flags.DEFINE_string('input', '', 'test: translate this image file, or the images of this folder, '
+                    'instead of testA/testB (any size and format)')
+flags.DEFINE_enum('direction', 'A2B', ['A2B', 'B2A'], '--input: A2B or B2A')
+flags.DEFINE_string('output', '', '--input: the folder for the results (default: '
+                    'result_dir/model_dir/custom_<direction>)')
+define_bool('crop_face', False, '--input: crop a square around the largest face first (OpenCV)')
 flags.DEFINE_boolean('debug', False, 'show Python tracebacks')
 
 FLAGFILE_NAME = 'flags.txt'
@@ -140,7 +149,6 @@ def save_flagfile(config):
 
 def run(config):
     import UGATIT
-    import utils
     print(' '.join(f'{f.name}={f.value}' for f in our_flags() if f.name != 'debug'), flush=True)
     model = UGATIT.UGATIT(config)
     for net in model.networks:
@@ -150,10 +158,13 @@ def run(config):
         counter = model.train()
         print(f'done: {counter - 1} steps; checkpoints in '
               f'{os.path.join(config.checkpoint_dir, config.model_dir)}')
+    elif config.phase == 'export':
+        print(f'done: SavedModels in {model.export()}')
+    elif config.input:
+        print(f'done: results in {model.translate_input()}')
     else:
         page = model.test()
         print(f'done: results in {page}')
-    return utils
 
 
 def main(argv):

@@ -774,3 +774,89 @@ def test_power_iteration_step_advances_every_u_once(build):
     for name in before:
         if not name.endswith('/u'):
             np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+
+
+# --- 8. Training state in checkpoints ---------------------------------------------------------
+
+def test_adam_steps_from_beta_powers():
+    """The Adam step count comes from beta1_power (exact), else beta2_power, else the fallback."""
+    assert ugatit.adam_steps(0.5 ** 4, 0.999 ** 4, fallback=99) == 3
+    assert ugatit.adam_steps(0.5, 0.999, fallback=99) == 0
+    assert ugatit.adam_steps(0.0, np.float32(0.999 ** 301), fallback=99) == 300  # beta1 underflowed
+    assert ugatit.adam_steps(0.0, 0.0, fallback=99) == 99
+
+
+def train_a_little(model, steps, seed=0):
+    """A few eager D and G updates (eager: tracing the compiled steps costs ~30 s)."""
+    model.build_optimizers()
+    rng = np.random.default_rng(seed)
+    c = model.config
+    for _ in range(steps):
+        batch = [tf.constant(rng.uniform(-1, 1, (1, c.img_size, c.img_size, c.img_ch)), tf.float32)
+                 for _ in range(2)]
+        model._d_update(*batch, tf.constant(1e-3))
+        model._g_update(*batch, tf.constant(1e-3))
+
+
+def test_resume_from_an_original_format_checkpoint(tmp_path):
+    """A checkpoint as the original writes it (no counter key, Adam slots and beta powers)
+    resumes: counter from the file name, slots restored, step counts from the beta powers."""
+    keras.utils.set_random_seed(3)
+    c = Config(img_size=16, ch=2, n_res=1, n_dis=3, light=True)
+    source = ugatit.UGATIT(c)
+    train_a_little(source, 3)
+    state = source.checkpoint_state(counter=4)
+    original = {k: v for k, v in state.items() if not k.startswith('ugatit/')}
+    prefix = save_v2(tmp_path, original, counter=4)
+    os.rename(prefix + '.index', str(tmp_path / 'UGATIT_light.model-4.index'))
+    os.rename(prefix + '.data-00000-of-00001', str(tmp_path / 'UGATIT_light.model-4.data-00000-of-00001'))
+    write_state(tmp_path, 'UGATIT_light.model-4')
+    keras.utils.set_random_seed(4)
+    resumed = ugatit.UGATIT(c)
+    resumed.build_optimizers()
+    assert resumed._restore_for_training(str(tmp_path)) == 4
+    assert int(resumed.g_opt.iterations.numpy()) == int(resumed.d_opt.iterations.numpy()) == 3
+    assert_same(values(resumed), values(source))
+    assert_same({k: v.numpy() for k, v in resumed.optimizer_state_by_name().items()},
+                {k: v.numpy() for k, v in source.optimizer_state_by_name().items()})
+
+
+def test_our_checkpoint_round_trip_and_rotation(tmp_path):
+    """save_checkpoint writes the original's names plus counter and RNG state, keeps the
+    newest five of ours, never deletes a foreign checkpoint, and resumes everything."""
+    keras.utils.set_random_seed(5)
+    c = Config(img_size=16, ch=2, n_res=1, n_dis=3, light=True, seed=5)
+    source = ugatit.UGATIT(c)
+    train_a_little(source, 2)
+    foreign = save_v2(tmp_path, values(source), counter=1)  # e.g. a released checkpoint
+    for counter in range(2, 9):
+        source.save_checkpoint(str(tmp_path), counter)
+    kept = sorted(ugatit.checkpoint_step(p[:-len('.index')]) for p in os.listdir(tmp_path)
+                  if p.endswith('.index'))
+    assert kept == [1, 4, 5, 6, 7, 8] and os.path.exists(foreign + '.index')
+    assert ugatit.resolve_checkpoint(str(tmp_path)).endswith('UGATIT_light.model-8')
+    assert not [p for p in os.listdir(tmp_path) if p.startswith('.tmp-')]
+    reader = tf.train.load_checkpoint(str(tmp_path / 'UGATIT_light.model-8'))
+    assert int(reader.get_tensor(ugatit.COUNTER_KEY)) == 8
+    assert reader.get_tensor('beta1_power') == np.float32(0.5 ** 3)
+    keras.utils.set_random_seed(6)
+    resumed = ugatit.UGATIT(dataclasses.replace(c, seed=6))
+    resumed.build_optimizers()
+    assert resumed._restore_for_training(str(tmp_path)) == 8
+    assert_same(values(resumed), values(source))
+    np.testing.assert_array_equal(resumed.rng.state.numpy(), source.rng.state.numpy())
+
+
+def test_init_from_starts_a_new_run(tmp_path):
+    """--init_from loads the weights only: the counter starts at 1 and Adam is fresh."""
+    keras.utils.set_random_seed(7)
+    c = Config(img_size=16, ch=2, n_res=1, n_dis=3, light=True)
+    source = ugatit.UGATIT(c)
+    train_a_little(source, 2)
+    source.save_checkpoint(str(tmp_path / 'old'), 3)
+    keras.utils.set_random_seed(8)
+    fresh = ugatit.UGATIT(dataclasses.replace(c, init_from=str(tmp_path / 'old')))
+    fresh.build_optimizers()
+    assert fresh._restore_for_training(str(tmp_path / 'new')) == 1
+    assert int(fresh.g_opt.iterations.numpy()) == 0
+    assert_same(values(fresh), values(source))
