@@ -13,6 +13,7 @@ import glob
 import math
 import os
 import re
+import shutil
 from typing import Optional
 
 import keras
@@ -36,6 +37,9 @@ RGB_CHANNELS = 3
 ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON = 0.5, 0.999, 1e-8
 MAX_TO_KEEP = 5                       # tf.train.Saver's default
 DEMO_DATASET = 'demo'                 # --dataset demo: made on first use (utils.make_demo_dataset)
+DIRECTIONS = ('A2B', 'B2A')           # --direction; also the test and export folder names
+INPUT_FOLDER = 'custom_{direction}'   # --input's default output: result_dir/model_dir/custom_A2B
+EXPORT_FOLDER = 'export'              # --phase export: checkpoint_dir/model_dir/export/{A2B,B2A}
 # Our additions to the original's checkpoint keys (the original ignores them).
 COUNTER_KEY = 'ugatit/counter'
 RNG_KEY = 'ugatit/rng_state'
@@ -79,10 +83,25 @@ class Config:
     seed: Optional[int] = None     # data order, augmentation, initialisation, GP noise
     init_from: str = ''            # start a new run from these weights
     checkpoint: str = ''           # test: this checkpoint instead of the newest in model_dir
+    input: str = ''                # test: translate this image file or folder instead of testA/testB
+    direction: str = 'A2B'         # --input: which generator
+    output: str = ''               # --input: where the results go (default: see input_output_dir)
+    crop_face: bool = False        # --input: crop a square around the largest face first
 
     @property
     def model_name(self):
         return 'UGATIT_light' if self.light else 'UGATIT'
+
+    @property
+    def input_output_dir(self):
+        """Where `--input` results go: --output, else result_dir/model_dir/custom_<direction>."""
+        return self.output or os.path.join(self.result_dir, self.model_dir,
+                                           INPUT_FOLDER.format(direction=self.direction))
+
+    @property
+    def export_dir(self):
+        """Where `--phase export` writes: checkpoint_dir/model_dir/export."""
+        return os.path.join(self.checkpoint_dir, self.model_dir, EXPORT_FOLDER)
 
     @property
     def model_dir(self):
@@ -102,6 +121,14 @@ class Config:
             raise UserError(f'--lr must be positive, got {self.lr}')
         if self.decay_epoch < 0:
             raise UserError(f'--decay_epoch must be at least 0, got {self.decay_epoch}')
+        if self.direction not in DIRECTIONS:
+            raise UserError(f'--direction must be {" or ".join(DIRECTIONS)}, got {self.direction!r}')
+        if self.input and self.phase != 'test':
+            raise UserError(f'--input works with --phase test, not {self.phase}: add --phase test')
+        for name in ('output', 'crop_face'):
+            if getattr(self, name) and not self.input:
+                raise UserError(f'--{name} works only with --input: add --input PATH (an image '
+                                'file or a folder)')
         if self.gan_type not in ops.GAN_TYPES:
             raise UserError(f'--gan_type {self.gan_type!r} is unknown: use one of '
                             f'{", ".join(ops.GAN_TYPES)}')
@@ -383,6 +410,45 @@ def adam_steps(beta1_power, beta2_power, fallback):
 
 def _flag_value(value):
     return str(value) if not isinstance(value, bool) else ('True' if value else 'False')
+
+
+# --- Export: a SavedModel per direction -------------------------------------------------
+
+SERVING_KEY = 'serving_default'
+
+
+class ServingModule(tf.Module):
+    """One generator behind a serving signature, for `tf.saved_model.save`.
+
+    `serve(images)`: uint8 RGB [N, H, W, 3], any H and W →
+    {'translation': uint8 [N, S, S, img_ch], 'attention': float32 [N, S/4, S/4]}
+    (S = img_size; attention is the raw CAM heatmap, as `UGATIT.translate` returns it).
+    The steps are the test phase's with TF ops: bilinear resize to S × S with half-pixel
+    centres and no antialiasing (OpenCV's INTER_LINEAR samples the same points; its 8-bit
+    fixed-point arithmetic puts some pixels 1 grey level apart), rounded to 8 bits as
+    OpenCV's uint8 result is, grey by `tf.image.rgb_to_grayscale` for img_ch 1, /127.5 − 1
+    in float64, the generator, then ((x + 1) / 2 · 255) clipped and truncated as `to_uint8`.
+    """
+
+    def __init__(self, generator, img_size, img_ch, direction):
+        super().__init__(name=f'ugatit_{direction}')
+        self.generator = generator
+        self._img_size, self._img_ch = img_size, img_ch
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, RGB_CHANNELS], tf.uint8,
+                                                name='images')])
+    def serve(self, images):
+        size = self._img_size
+        x = tf.image.resize(tf.cast(images, tf.float32), [size, size], method='bilinear',
+                            antialias=False)
+        x = tf.clip_by_value(tf.round(x), 0, 255)
+        if self._img_ch == 1:
+            x = tf.round(tf.image.rgb_to_grayscale(x))
+        x = tf.cast(tf.cast(x, tf.float64) / utils.PIXEL_HALF_RANGE - 1, keras.config.floatx())
+        fake, _, heatmap = self.generator(x)
+        fake = tf.cast(fake, tf.float32)
+        translation = tf.cast(tf.clip_by_value((fake + 1) / 2 * 255, 0, 255), tf.uint8)
+        return {'translation': translation, 'attention': tf.cast(heatmap, tf.float32)}
 
 
 # --- The model ----------------------------------------------------------------------
@@ -907,6 +973,103 @@ class UGATIT:
                                                    heatmap))
             print(f'{direction}: {min(start + c.batch_size, len(files))}/{len(files)}', flush=True)
         return rows
+
+    # -- own images (--input) and export --
+
+    def translate_input(self):
+        """`--input`: translates an image file, or the images of a folder, with `--direction`.
+
+        Loads the generators as the test phase does, then per image: read it with OpenCV
+        (any size and format; grey and RGBA become RGB), with `--crop_face` cut a square
+        around the largest face (the whole image, with a warning, when there is none),
+        resize to img_size and translate. Writes into `Config.input_output_dir`:
+        `<stem>.png` (the translation), `input/<stem>.png` (what the generator saw),
+        `attention/<stem>.png` and `index.html`; returns the page's path. An unreadable
+        file in a folder is skipped with a warning; a single unreadable file is an error.
+        Nothing is written before the inputs are listed, --output is checked to overwrite
+        none of them, and the checkpoint is loaded.
+        """
+        c = self.config
+        files = utils.list_input_images(c.input)
+        out_dir, names = c.input_output_dir, utils.output_names(files)
+        sources = {os.path.realpath(f): f for f in files}
+        for name in names.values():
+            for sub in ('', 'input', 'attention'):
+                clash = sources.get(os.path.realpath(os.path.join(out_dir, sub, name)))
+                if clash:
+                    raise UserError(f'--output {out_dir} would overwrite the input {clash}: '
+                                    'choose another --output')
+        detector = utils.face_detector() if c.crop_face else None
+        self.load_for_inference()
+        rows = []
+        for start in range(0, len(files), c.batch_size):
+            batch = []
+            for path in files[start:start + c.batch_size]:
+                try:
+                    batch.append((path, self.read_input(path, detector)))
+                except UserError as err:
+                    if len(files) == 1:
+                        raise
+                    logging.warning('%s; skipped', err)
+            if batch:
+                fakes, heatmaps = self.translate(np.stack([image for _, image in batch]),
+                                                 c.direction)
+                for (path, image), fake, heatmap in zip(batch, fakes, heatmaps):
+                    rows.append(utils.save_translation(out_dir, names[path], image, fake, heatmap))
+            print(f'{c.direction}: {min(start + c.batch_size, len(files))}/{len(files)}',
+                  flush=True)
+        if not rows:
+            raise UserError(f'none of the {len(files)} images in {c.input} can be read: replace '
+                            'them with JPEG, PNG, BMP, WebP or TIFF files')
+        return utils.write_index_html(out_dir, [(f'{c.direction}: {c.input}', rows)], c.img_size)
+
+    def read_input(self, path, detector=None):
+        """One `--input` file → float32 [S, S, img_ch] in [-1, 1]; with a face `detector`,
+        the square around the largest face (logs a warning when it finds none)."""
+        rgb = utils.read_image_rgb(path)
+        if detector is not None:
+            rgb, box = utils.crop_face(rgb, detector)
+            if box is None:
+                logging.warning('no face found in %s: translating the whole image', path)
+            else:
+                logging.info('face in %s at x=%d y=%d w=%d h=%d', path, *box)
+        return utils.to_model_input(rgb, self.config.img_size, self.config.img_ch)
+
+    def export(self):
+        """`--phase export`: a SavedModel per direction in `Config.export_dir/{A2B,B2A}`.
+
+        Loads the generators as the test phase does and saves each behind a serving
+        signature (`ServingModule`): no discriminator, no optimizer state. Each folder is
+        written under a temporary name and then swapped in, so an earlier export stays
+        whole until the new one is. Returns the export folder.
+        """
+        prefix = self.load_for_inference()
+        root = self.config.export_dir
+        for direction, generator in zip(DIRECTIONS, self.generators):
+            module = ServingModule(generator, self.config.img_size, self.config.img_ch, direction)
+            final = os.path.join(root, direction)
+            tmp, old = (os.path.join(root, f'{utils.TMP_PREFIX}{direction}{suffix}')
+                        for suffix in ('', '.old'))
+            for path in (tmp, old):
+                shutil.rmtree(path, ignore_errors=True)
+            try:
+                utils.check_folder(root)
+                verbosity = logging.get_verbosity()
+                logging.set_verbosity(logging.WARNING)  # TF's saver logs a dozen INFO lines
+                try:
+                    tf.saved_model.save(module, tmp, signatures={SERVING_KEY: module.serve})
+                finally:
+                    logging.set_verbosity(verbosity)
+                if os.path.exists(final):
+                    os.replace(final, old)
+                os.replace(tmp, final)
+            except (OSError, tf.errors.OpError) as err:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise UserError(f'cannot write the SavedModel {final}: '
+                                f'{getattr(err, "message", err)}') from err
+            shutil.rmtree(old, ignore_errors=True)
+            logging.info('exported %s of %s to %s', direction, prefix, final)
+        return root
 
     def _mismatch_message(self, prefix, shapes, first_problem, wanted):
         """One line saying which flag differs between the checkpoint and this model."""

@@ -294,6 +294,130 @@ def save_images(images, size, path):
         raise UserError(f'Cannot write {path}: check that its folder exists and is writable.')
 
 
+# --- Own images: --input and --crop_face (OpenCV) -----------------------------------
+
+# What --input reads from a folder: the dataset formats plus those only OpenCV reads.
+INPUT_EXTENSIONS = IMAGE_EXTENSIONS + ('.tif', '.tiff', '.pbm', '.pgm', '.ppm', '.pnm')
+OUTPUT_EXTENSION = '.png'    # --input results are lossless, whatever the input format
+
+# Face crops (--crop_face). The selfie2anime photos are face-centred crops in which the face
+# box of OpenCV's frontal-face cascade (brows to chin) spans about half the side.
+FACE_CASCADE = 'haarcascade_frontalface_default.xml'   # ships with opencv-python(-headless)
+FACE_CROP_SCALE = 1.8        # side of the square crop / the longer side of the face box
+FACE_MIN_FRACTION = 0.05     # faces smaller than this share of the image's shorter side are ignored
+FACE_SCALE_FACTOR = 1.1      # detectMultiScale: pyramid step
+FACE_MIN_NEIGHBORS = 5       # detectMultiScale: overlapping detections needed to accept a face
+
+
+def list_input_images(path):
+    """--input: `[path]` for a file (any format OpenCV reads), or the image files directly in
+    a folder (sorted, no recursion, no dot-files; INPUT_EXTENSIONS in any case). Other files
+    of a folder are ignored with one warning. Raises UserError if nothing is there to read.
+    """
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise UserError(f'--input {path} does not exist: give an image file or a folder of images')
+    images, ignored = [], []
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if name.startswith('.') or not os.path.isfile(full):
+            continue
+        (images if name.lower().endswith(INPUT_EXTENSIONS) else ignored).append(full)
+    if ignored:
+        shown = ', '.join(os.path.basename(p) for p in ignored[:NAMES_SHOWN])
+        more = ', ...' if len(ignored) > NAMES_SHOWN else ''
+        logging.warning('Ignoring %d non-image file(s) in %s (%s%s); images end in %s.',
+                        len(ignored), path, shown, more, ' '.join(INPUT_EXTENSIONS))
+    if not images:
+        raise UserError(f'--input {path} holds no image ({" ".join(INPUT_EXTENSIONS)}): '
+                        'put images there or name an image file')
+    return images
+
+
+def output_names(files):
+    """{path: output file name}: `<stem>.png`, or `<stem>_<ext>.png` for the files whose
+    stems collide (`me.jpg` and `me.webp` give `me_jpg.png` and `me_webp.png`)."""
+    stems = [os.path.splitext(os.path.basename(f)) for f in files]
+    counts = collections.Counter(stem.lower() for stem, _ in stems)
+    return {f: (stem if counts[stem.lower()] == 1 else f'{stem}_{ext.lstrip(".").lower()}')
+            + OUTPUT_EXTENSION for f, (stem, ext) in zip(files, stems)}
+
+
+def read_image_rgb(path):
+    """An image file → uint8 RGB [H, W, 3], read as `load_test_image` reads it: cv2.imread in
+    colour (grey → 3 channels, alpha dropped, 16-bit → 8-bit, EXIF orientation applied).
+    Raises UserError naming the file if OpenCV cannot decode it."""
+    image = cv2.imread(os.fspath(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise UserError(f'cannot read image {path}: OpenCV cannot decode it (use JPEG, PNG, BMP, '
+                        'WebP or TIFF)')
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def to_model_input(rgb, img_size, img_ch=RGB_CHANNELS):
+    """uint8 RGB [H, W, 3] → float32 [S, S, img_ch] in [-1, 1], the same steps as
+    `load_test_image` after its read: cv2.resize INTER_LINEAR, /127.5 − 1 in float64."""
+    image = cv2.resize(rgb, (img_size, img_size), interpolation=cv2.INTER_LINEAR)
+    if img_ch == 1:
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)[..., None]
+    return np.float32(image / PIXEL_HALF_RANGE - 1)
+
+
+def face_detector():
+    """OpenCV's bundled Haar cascade for frontal faces. Raises UserError if it cannot load."""
+    path = os.path.join(cv2.data.haarcascades, FACE_CASCADE)
+    detector = cv2.CascadeClassifier(path)
+    if detector.empty():
+        raise UserError(f'cannot load the face detector {path}: reinstall opencv-python-headless')
+    return detector
+
+
+def find_face(rgb, detector):
+    """The largest frontal face in uint8 RGB [H, W, 3]: (x, y, w, h) in pixels, or None.
+
+    The cascade runs on the histogram-equalised grey image and ignores faces smaller than
+    FACE_MIN_FRACTION of the shorter side (at least the cascade's own 24 px window).
+    """
+    grey = cv2.equalizeHist(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
+    side = max(24, int(min(grey.shape) * FACE_MIN_FRACTION))
+    faces = detector.detectMultiScale(grey, scaleFactor=FACE_SCALE_FACTOR,
+                                      minNeighbors=FACE_MIN_NEIGHBORS, minSize=(side, side))
+    if len(faces) == 0:
+        return None
+    return tuple(int(v) for v in max(faces, key=lambda f: int(f[2]) * int(f[3])))
+
+
+def square_crop(rgb, box, scale=FACE_CROP_SCALE):
+    """A square of side round(scale · max(w, h)) centred on `box` = (x, y, w, h).
+
+    Along each axis where the square fits in the image it is shifted inside it (the face
+    then sits off-centre but no pixel is invented); where it is larger than the image it
+    stays centred on the face and the missing rows or columns repeat the edge pixels.
+    """
+    x, y, w, h = box
+    side = max(1, int(round(scale * max(w, h))))
+    starts = []
+    for centre, extent in ((y + h / 2, rgb.shape[0]), (x + w / 2, rgb.shape[1])):
+        start = int(round(centre - side / 2))
+        starts.append(min(max(start, 0), extent - side) if side <= extent else start)
+    top, left = starts
+    crop = rgb[max(top, 0):top + side, max(left, 0):left + side]
+    pad_top, pad_left = max(-top, 0), max(-left, 0)
+    pad_bottom, pad_right = side - pad_top - crop.shape[0], side - pad_left - crop.shape[1]
+    if pad_top or pad_left or pad_bottom or pad_right:
+        crop = cv2.copyMakeBorder(crop, pad_top, pad_bottom, pad_left, pad_right,
+                                  cv2.BORDER_REPLICATE)
+    return np.ascontiguousarray(crop)
+
+
+def crop_face(rgb, detector):
+    """(the square crop around the largest face, its box) or (rgb unchanged, None)."""
+    box = find_face(rgb, detector)
+    return (rgb, None) if box is None else (square_crop(rgb, box), box)
+
+
 # --- Built-in demo dataset --------------------------------------------------------
 
 DEMO_FOLDERS = ('trainA', 'trainB', 'testA', 'testB')
@@ -699,3 +823,68 @@ def write_index_html(root, sections, img_size):
     with open(path, 'w', encoding='utf-8') as f:
         f.write('\n'.join(parts) + '\n')
     return path
+
+
+# --- Demo score: an independent domain classifier -----------------------------------
+#
+# How well did the demo learn? A small CNN, trained here on the REAL demo images only
+# (nothing of U-GAT-IT's networks or losses), says which domain a picture belongs to;
+# the score is the share of translations it assigns to the target domain.
+
+DEMO_CLASSIFIER_EPOCHS = 12
+DEMO_CLASSIFIER_BATCH = 32
+DEMO_CLASSIFIER_LR = 2e-3
+DEMO_CLASSIFIER_FILTERS = (16, 32, 64)   # conv 3x3 + 2x2 max-pool each, then a global max-pool
+
+
+def load_images_for_classifier(files, img_size):
+    """Image files → float32 [N, S, S, 3] in [-1, 1], read as the test phase reads them."""
+    return np.stack([load_test_image(f, img_size) for f in files])
+
+
+def train_domain_classifier(folder_a, folder_b, img_size, seed=0):
+    """A small Keras CNN trained on the real images of `folder_a` (label 0) and `folder_b`
+    (label 1), at `img_size`; returns it. Its sigmoid output is P(domain B).
+
+    Independent of U-GAT-IT: its own layers, loss and optimizer. Training augments with
+    left-right and up-down flips. Seeds Keras, NumPy and Python's RNGs with `seed`
+    (keras.utils.set_random_seed), so call it after any seeded work. A few seconds on a CPU.
+    """
+    import keras
+    keras.utils.set_random_seed(seed)
+    files_a, files_b = list_images(folder_a), list_images(folder_b)
+    x = load_images_for_classifier(files_a + files_b, img_size)
+    y = np.array([0] * len(files_a) + [1] * len(files_b), np.float32)
+    x = np.concatenate([x, x[:, :, ::-1], x[:, ::-1]])   # flips: shapes do not care
+    y = np.concatenate([y, y, y])
+    layers = [keras.Input((img_size, img_size, RGB_CHANNELS))]
+    for filters in DEMO_CLASSIFIER_FILTERS:
+        layers += [keras.layers.Conv2D(filters, 3, padding='same', activation='relu'),
+                   keras.layers.MaxPooling2D()]
+    layers += [keras.layers.GlobalMaxPooling2D(), keras.layers.Dense(1, activation='sigmoid')]
+    model = keras.Sequential(layers, name='demo_domain_classifier')
+    model.compile(optimizer=keras.optimizers.Adam(DEMO_CLASSIFIER_LR),
+                  loss='binary_crossentropy', metrics=['accuracy'])
+    model.fit(x, y, batch_size=DEMO_CLASSIFIER_BATCH, epochs=DEMO_CLASSIFIER_EPOCHS,
+              shuffle=True, verbose=0)
+    return model
+
+
+def probability_of_b(classifier, files, img_size):
+    """The classifier's P(domain B) for each image file: float [N]."""
+    x = load_images_for_classifier(files, img_size)
+    return classifier.predict(x, batch_size=DEMO_CLASSIFIER_BATCH, verbose=0).reshape(-1)
+
+
+def domain_accuracy(classifier, files_a, files_b, img_size):
+    """Share of `files_a` classified A and of `files_b` classified B, over all of them."""
+    right = np.concatenate([probability_of_b(classifier, files_a, img_size) < 0.5,
+                            probability_of_b(classifier, files_b, img_size) >= 0.5])
+    return float(np.mean(right))
+
+
+def domain_shares(classifier, a2b_files, b2a_files, img_size):
+    """(share of A→B translations classified B, share of B→A translations classified A)."""
+    to_b = float(np.mean(probability_of_b(classifier, a2b_files, img_size) >= 0.5))
+    to_a = float(np.mean(probability_of_b(classifier, b2a_files, img_size) < 0.5))
+    return to_b, to_a
