@@ -84,7 +84,7 @@ flags.DEFINE_string('dataset_dir', 'dataset', 'the folder holding the datasets')
 flags.DEFINE_integer('seed', None, 'seed for initialisation, data order, augmentation and noise')
 flags.DEFINE_string('init_from', '', 'train: start a new run from the weights of this checkpoint '
                     '(a folder or file, ours or the original release\'s)')
-flags.DEFINE_string('checkpoint', '', 'test: use this checkpoint (a folder or file) instead of the '
+flags.DEFINE_string('checkpoint', '', 'test, export: use this checkpoint (a folder or file) instead of the '
                     'newest in checkpoint_dir/model_dir')
 flags.DEFINE_string('input', '', 'test: translate this image file, or the images of this folder, '
                     'instead of testA/testB (any size and format)')
