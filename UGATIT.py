@@ -36,6 +36,7 @@ RGB_CHANNELS = 3
 # TF1's AdamOptimizer(lr, beta1=0.5, beta2=0.999) with its default epsilon 1e-8 (Keras': 1e-7).
 ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON = 0.5, 0.999, 1e-8
 MAX_TO_KEEP = 5                       # tf.train.Saver's default
+MAX_SEED = 2 ** 32                    # keras.utils.set_random_seed takes a NumPy seed
 DEMO_DATASET = 'demo'                 # --dataset demo: made on first use (utils.make_demo_dataset)
 DIRECTIONS = ('A2B', 'B2A')           # --direction; also the test and export folder names
 INPUT_FOLDER = 'custom_{direction}'   # --input's default output: result_dir/model_dir/custom_A2B
@@ -117,6 +118,10 @@ class Config:
                      'iteration', 'print_freq', 'save_freq', 'n_critic'):
             if getattr(self, name) < 1:
                 raise UserError(f'--{name} must be at least 1, got {getattr(self, name)}')
+        if self.img_ch not in (1, RGB_CHANNELS):
+            raise UserError(f'--img_ch must be 1 or 3, got {self.img_ch}')
+        if self.seed is not None and not 0 <= self.seed < MAX_SEED:
+            raise UserError(f'--seed must be in [0, 2**32), got {self.seed}')
         if self.lr <= 0:
             raise UserError(f'--lr must be positive, got {self.lr}')
         if self.decay_epoch < 0:
@@ -811,14 +816,18 @@ class UGATIT:
                           'cycle': gen_back(fake)[0], 'identity': gen(real_tgt)[0]}
         return rows
 
+    def training_files(self):
+        """{'A': files, 'B': files} of trainA/trainB; UserError if a folder is missing or empty."""
+        return {d: utils.list_images(self.dataset_folder(f'train{d}')) for d in 'AB'}
+
     def train(self):
         """The original's `train()`: n_critic D updates per G update, per-epoch lr decay,
         samples every print_freq and checkpoints every save_freq steps, resumable."""
         c = self.config
+        files = self.training_files()  # before any folder is made
         checkpoint_dir = utils.check_folder(os.path.join(c.checkpoint_dir, c.model_dir))
         sample_dir = utils.check_folder(os.path.join(c.sample_dir, c.model_dir))
         log_dir = os.path.join(c.log_dir, c.model_dir)
-        files = {d: utils.list_images(self.dataset_folder(f'train{d}')) for d in 'AB'}
         self.build_optimizers()
         counter = self._restore_for_training(checkpoint_dir)
         steps_done = counter - 1
@@ -864,7 +873,7 @@ class UGATIT:
                         sheet = utils.sample_sheet(tf.nest.map_structure(
                             lambda t: t.numpy(), sample_fn(real_a, real_b)))
                         utils.write_image(os.path.join(sample_dir, f'sheet_{tag}.png'), sheet)
-                        with writer.as_default(step=counter):
+                        with writer.as_default(step=step):
                             tf.summary.image('samples', sheet[None], max_outputs=1)
                     if (idx + 1) % c.save_freq == 0:
                         saved_at = self._save(checkpoint_dir, counter, history, progress)
@@ -953,9 +962,11 @@ class UGATIT:
         c = self.config
         self.load_for_inference()
         out_root = os.path.join(c.result_dir, c.model_dir)
+        # Both folders are checked before anything is written.
+        inputs = {d: utils.list_images(self.dataset_folder(split))
+                  for d, split in (('A2B', 'testA'), ('B2A', 'testB'))}
         sections = []
-        for direction, split in (('A2B', 'testA'), ('B2A', 'testB')):
-            files = utils.list_images(self.dataset_folder(split))
+        for direction, files in inputs.items():
             rows = self.translate_files(files, os.path.join(out_root, direction), direction)
             sections.append((direction, rows))
         return utils.write_index_html(out_root, sections, c.img_size)

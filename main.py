@@ -15,6 +15,9 @@ import dataclasses
 import os
 import sys
 
+# TensorFlow's C++ start-up lines would otherwise break "one line per error" on stderr.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
 from absl import flags, logging
 
 FLAGS = flags.FLAGS
@@ -92,7 +95,7 @@ flags.DEFINE_enum('direction', 'A2B', ['A2B', 'B2A'], '--input: A2B or B2A')
 flags.DEFINE_string('output', '', '--input: the folder for the results (default: '
                     'result_dir/model_dir/custom_<direction>)')
 define_bool('crop_face', False, '--input: crop a square around the largest face first (OpenCV)')
-flags.DEFINE_boolean('debug', False, 'show Python tracebacks')
+define_bool('debug', False, 'show Python tracebacks')
 
 FLAGFILE_NAME = 'flags.txt'
 
@@ -103,7 +106,7 @@ def normalise_bool_args(argv):
     out, i = [], 0
     while i < len(argv):
         arg = argv[i]
-        name = arg[2:] if arg.startswith('--') and '=' not in arg else None
+        name = arg.lstrip('-') if arg.startswith('-') and '=' not in arg else None
         if name in names and i + 1 < len(argv) and not argv[i + 1].startswith('-'):
             out.append(f'{arg}={argv[i + 1]}')
             i += 2
@@ -119,10 +122,14 @@ def fail(message, status):
 
 
 def parse_args(argv):
+    if any(arg in ('--help', '-h', '--helpshort') for arg in argv[1:]):
+        print(__doc__)
+        print(FLAGS.module_help(sys.modules[__name__]))
+        sys.exit(0)
     try:
         rest = FLAGS(normalise_bool_args(argv))
     except flags.Error as err:
-        fail(f'{err}', EXIT_USAGE)
+        fail(str(err).removeprefix('ERROR:: '), EXIT_USAGE)
     if len(rest) > 1:
         fail(f'unexpected argument {rest[1]!r}: flags are written --name value or --name=value',
              EXIT_USAGE)
@@ -154,6 +161,7 @@ def run(config):
     for net in model.networks:
         print(f'{net.name}: {net.count_params():,} parameters', flush=True)
     if config.phase == 'train':
+        model.training_files()  # a missing dataset fails before anything is written
         save_flagfile(config)
         counter = model.train()
         print(f'done: {counter - 1} steps; checkpoints in '
