@@ -53,6 +53,23 @@ def _fix_hint(folder):
     return f'put {contents} there, or pick another --dataset'
 
 
+def _images_in(folder, extensions):
+    """Sorted files directly in `folder` ending in `extensions` (any case), skipping dot-files
+    and subfolders; the other files are ignored with one warning naming a few."""
+    images, ignored = [], []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name.startswith('.') or not os.path.isfile(path):
+            continue
+        (images if name.lower().endswith(extensions) else ignored).append(path)
+    if ignored:
+        shown = ', '.join(os.path.basename(p) for p in ignored[:NAMES_SHOWN])
+        more = ', ...' if len(ignored) > NAMES_SHOWN else ''
+        logging.warning('Ignoring %d non-image file(s) in %s (%s%s); images end in %s.',
+                        len(ignored), folder, shown, more, ' '.join(extensions))
+    return images
+
+
 def list_images(folder):
     """Sorted paths of the image files directly in `folder` (no recursion, no dot-files).
 
@@ -62,17 +79,7 @@ def list_images(folder):
     """
     if not os.path.isdir(folder):
         raise UserError(f'{folder} does not exist: {_fix_hint(folder)}')
-    images, ignored = [], []
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        if name.startswith('.') or not os.path.isfile(path):
-            continue
-        (images if name.lower().endswith(IMAGE_EXTENSIONS) else ignored).append(path)
-    if ignored:
-        shown = ', '.join(os.path.basename(p) for p in ignored[:NAMES_SHOWN])
-        more = ', ...' if len(ignored) > NAMES_SHOWN else ''
-        logging.warning('Ignoring %d non-image file(s) in %s (%s%s); images end in %s.',
-                        len(ignored), folder, shown, more, ' '.join(IMAGE_EXTENSIONS))
+    images = _images_in(folder, IMAGE_EXTENSIONS)
     if not images:
         raise UserError(f'{folder} has no image ({" ".join(IMAGE_EXTENSIONS)}): '
                         f'{_fix_hint(folder)}')
@@ -319,17 +326,7 @@ def list_input_images(path):
         return [path]
     if not os.path.isdir(path):
         raise UserError(f'--input {path} does not exist: give an image file or a folder of images')
-    images, ignored = [], []
-    for name in sorted(os.listdir(path)):
-        full = os.path.join(path, name)
-        if name.startswith('.') or not os.path.isfile(full):
-            continue
-        (images if name.lower().endswith(INPUT_EXTENSIONS) else ignored).append(full)
-    if ignored:
-        shown = ', '.join(os.path.basename(p) for p in ignored[:NAMES_SHOWN])
-        more = ', ...' if len(ignored) > NAMES_SHOWN else ''
-        logging.warning('Ignoring %d non-image file(s) in %s (%s%s); images end in %s.',
-                        len(ignored), path, shown, more, ' '.join(INPUT_EXTENSIONS))
+    images = _images_in(path, INPUT_EXTENSIONS)
     if not images:
         raise UserError(f'--input {path} holds no image ({" ".join(INPUT_EXTENSIONS)}): '
                         'put images there or name an image file')
