@@ -10,10 +10,13 @@ name (`generator_B/conv_0/conv2d/kernel`, `discriminator_A/global/conv_last/u`).
 
 import dataclasses
 import glob
+import json
 import math
 import os
 import re
 import shutil
+import tempfile
+import time
 from typing import Optional
 
 import keras
@@ -44,6 +47,9 @@ EXPORT_FOLDER = 'export'              # --phase export: checkpoint_dir/model_dir
 # Our additions to the original's checkpoint keys (the original ignores them).
 COUNTER_KEY = 'ugatit/counter'
 RNG_KEY = 'ugatit/rng_state'
+BENCHMARK_SEED = 0                    # generated images of --phase benchmark
+BENCHMARK_PIPELINE_FILES = 64         # noise JPEGs timed through the input pipeline
+BENCHMARK_PIPELINE_BATCHES = 50
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +94,8 @@ class Config:
     direction: str = 'A2B'         # --input: which generator
     output: str = ''               # --input: where the results go (default: see input_output_dir)
     crop_face: bool = False        # --input: crop a square around the largest face first
+    benchmark_steps: int = 5       # --phase benchmark: timed runs of each step
+    benchmark_json: str = ''       # --phase benchmark: also write the figures here
 
     @property
     def model_name(self):
@@ -115,7 +123,7 @@ class Config:
     def validate(self):
         """Raises `UserError` (one line, naming the flag to change) for a config that cannot build."""
         for name in ('ch', 'n_res', 'n_dis', 'img_size', 'img_ch', 'batch_size', 'epoch',
-                     'iteration', 'print_freq', 'save_freq', 'n_critic'):
+                     'iteration', 'print_freq', 'save_freq', 'n_critic', 'benchmark_steps'):
             if getattr(self, name) < 1:
                 raise UserError(f'--{name} must be at least 1, got {getattr(self, name)}')
         if self.img_ch not in (1, RGB_CHANNELS):
@@ -473,6 +481,7 @@ class UGATIT:
         self.rng = (tf.random.Generator.from_seed(c.seed) if c.seed is not None
                     else tf.random.Generator.from_non_deterministic_state())
         self.g_opt = self.d_opt = None  # built by build_optimizers() (training only)
+        self._demo_checked = False      # the demo dataset is checked (or made) once
         self.build_model()
         dtype = keras.config.floatx()  # float32; float64 in the exactness tests
         image = tf.TensorSpec([None, c.img_size, c.img_size, c.img_ch], dtype)
@@ -784,8 +793,9 @@ class UGATIT:
         """`dataset_dir/dataset/<split>`; the built-in `demo` dataset is made on first use."""
         c = self.config
         root = os.path.join(c.dataset_dir, c.dataset)
-        if c.dataset == DEMO_DATASET:
+        if c.dataset == DEMO_DATASET and not self._demo_checked:
             utils.make_demo_dataset(root)
+            self._demo_checked = True
         return os.path.join(root, split)
 
     def _restore_for_training(self, checkpoint_dir):
@@ -840,7 +850,7 @@ class UGATIT:
         write_scalars, write_rho = self._summary_writers(writer)
         history = utils.LossHistory(os.path.join(log_dir, 'losses.jsonl'))
         progress = utils.Progress(c.epoch * c.iteration, steps_done)
-        sample_fn = tf.function(self._sample_images)
+        sample_fn = tf.function(self._sample_images, autograph=False)
         saved_at = counter if steps_done else None
         real_a = real_b = fakes = None
         last_g_loss = -1.0  # printed until the first G step, as the original
@@ -969,7 +979,27 @@ class UGATIT:
         for direction, files in inputs.items():
             rows = self.translate_files(files, os.path.join(out_root, direction), direction)
             sections.append((direction, rows))
-        return utils.write_index_html(out_root, sections, c.img_size)
+        page = utils.write_index_html(out_root, sections, c.img_size)
+        if c.dataset == DEMO_DATASET:
+            self.demo_score(out_root, dict(sections))
+        return page
+
+    def demo_score(self, out_root, sections):
+        """`--dataset demo`: the share of translations that a small classifier, trained on the
+        real demo images only, puts in the target domain. Prints one line, writes
+        `out_root/demo_score.json` and returns its dict (see `utils.demo_score`)."""
+        c = self.config
+        path = os.path.join(out_root, utils.DEMO_SCORE_FILE)
+        score = utils.demo_score(os.path.dirname(self.dataset_folder('trainA')),
+                                 [row['output'] for row in sections['A2B']],
+                                 [row['output'] for row in sections['B2A']],
+                                 c.img_size, c.img_ch, path)
+        shapes = utils.DEMO_SHAPES
+        print(f'demo score: {score["A2B_classified_B"]:.0%} of A2B translations look like B '
+              f'({shapes["B"]}s), {score["B2A_classified_A"]:.0%} of B2A like A ({shapes["A"]}s) '
+              f'(the classifier is right on {score["classifier_accuracy_real_test"]:.0%} of the '
+              f'real test images; {path})', flush=True)
+        return score
 
     def translate_files(self, files, out_dir, direction):
         """Translates image files in batches of --batch_size; returns the index rows."""
@@ -1081,6 +1111,103 @@ class UGATIT:
             shutil.rmtree(old, ignore_errors=True)
             logging.info('exported %s of %s to %s', direction, prefix, final)
         return root
+
+    # -- the benchmark phase --
+
+    def benchmark(self):
+        """`--phase benchmark`: times the compiled steps on generated images (no dataset
+        needed) and returns the figures (and writes them to --benchmark_json).
+
+        After one warm-up (which traces), `--benchmark_steps` runs each of: a D update,
+        a G update (their sum is a training iteration at n_critic 1), an A→B translation.
+        FLOP are counted from the traced graphs (`utils.graph_flops`: convolutions and
+        matrix products, gradients included); the machine's peak is a matrix product
+        timed in the same run; the input pipeline is timed on its own.
+        """
+        c = self.config
+        floatx = keras.config.floatx()
+        rng = np.random.default_rng(BENCHMARK_SEED)
+        shape = (c.batch_size, c.img_size, c.img_size, c.img_ch)
+        real_a, real_b, real_a2, real_b2 = (tf.constant(rng.uniform(-1, 1, shape), floatx)
+                                            for _ in range(4))
+        lr = tf.constant(c.lr, floatx)
+        self.build_optimizers()
+
+        def d_update():
+            self.d_step(real_a, real_b, lr)[0]['Discriminator_loss'].numpy()
+
+        def g_update():
+            self.g_step(real_a2, real_b2, lr)[0]['Generator_loss'].numpy()
+
+        start = time.perf_counter()
+        d_update(), g_update(), self.translate(real_a, 'A2B')   # warm-up: traces each once
+        trace_s = time.perf_counter() - start
+        d_times, g_times = [], []
+        for _ in range(c.benchmark_steps):
+            d_times += utils.time_calls(d_update, 1)
+            g_times += utils.time_calls(g_update, 1)
+        iteration_times = [d + g for d, g in zip(d_times, g_times)]
+        translate_times = utils.time_calls(lambda: self.translate(real_a, 'A2B'),
+                                           c.benchmark_steps)
+        peak_rss = utils.peak_rss_bytes()   # before the pipeline and the matmul probe
+        train_flop = sum(utils.graph_flops(step.get_concrete_function().graph, c.batch_size)
+                         for step in (self.d_step, self.g_step))
+        translate_flop = utils.graph_flops(
+            self._translate['A2B'].get_concrete_function().graph, c.batch_size)
+        pipeline = self._benchmark_pipeline()
+        peak = utils.machine_peak_gflops()
+        iteration = utils.timing_summary(iteration_times)
+        achieved = train_flop / iteration['median'] / 1e9
+        count_bytes = lambda variables: int(sum(v.numpy().nbytes for v in variables))
+        slots = [v for opt in (self.g_opt, self.d_opt) for v in opt.variables
+                 if len(v.shape) > 0]
+        gpus = tf.config.list_logical_devices('GPU')
+        figures = {
+            'config': dataclasses.asdict(c),
+            'device': gpus[0].name if gpus else 'CPU',
+            'trace_s': trace_s,
+            'train_iteration_s': iteration['median'],
+            'train_iteration_s_range': [iteration['min'], iteration['max']],
+            'd_update_s': utils.timing_summary(d_times)['median'],
+            'g_update_s': utils.timing_summary(g_times)['median'],
+            'translate_s': utils.timing_summary(translate_times)['median'],
+            'translate_s_range': [min(translate_times), max(translate_times)],
+            'images_per_s': c.batch_size / iteration['median'],
+            'translate_images_per_s': c.batch_size / float(np.median(translate_times)),
+            'train_iteration_gflop': train_flop / 1e9,
+            'translate_gflop': translate_flop / 1e9,
+            'achieved_gflops': achieved,
+            'machine_peak_gflops': peak,
+            'peak_share': achieved / peak,
+            'parameter_bytes': count_bytes(self.g_vars + self.d_vars),
+            'optimizer_state_bytes': count_bytes(slots),
+            'peak_rss_bytes': peak_rss,
+            'peak_device_bytes': (tf.config.experimental.get_memory_info('GPU:0')['peak']
+                                  if gpus else None),
+            'pipeline_images_per_s': pipeline,
+            'steps_timed': c.benchmark_steps,
+        }
+        print(utils.benchmark_table(figures), flush=True)
+        if c.benchmark_json:
+            utils.check_folder(os.path.dirname(os.path.abspath(c.benchmark_json)))
+            with open(c.benchmark_json, 'w', encoding='utf-8') as f:
+                json.dump(figures, f, indent=2)
+                f.write('\n')
+        return figures
+
+    def _benchmark_pipeline(self):
+        """Decoded, augmented training images per second from `utils.build_dataset`, on
+        trainA of --dataset when it exists, else on generated noise JPEGs."""
+        c = self.config
+        folder = os.path.join(c.dataset_dir, c.dataset, 'trainA')
+        with tempfile.TemporaryDirectory() as tmp:
+            files = (utils.list_images(folder) if os.path.isdir(folder) else
+                     utils.write_noise_images(tmp, BENCHMARK_PIPELINE_FILES, c.img_size))
+            batches = iter(utils.build_dataset(files, c.img_size, c.img_ch, c.batch_size,
+                                               c.augment_flag, BENCHMARK_SEED))
+            next(batches)  # warm-up: the first batch waits for the shuffle buffer
+            seconds = sum(utils.time_calls(lambda: next(batches), BENCHMARK_PIPELINE_BATCHES))
+        return BENCHMARK_PIPELINE_BATCHES * c.batch_size / seconds
 
     def _mismatch_message(self, prefix, shapes, first_problem, wanted):
         """One line saying which flag differs between the checkpoint and this model."""

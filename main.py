@@ -4,6 +4,7 @@
     python main.py --dataset selfie2anime --phase test          # translate testA/testB
     python main.py --dataset selfie2anime --phase test --input me.jpg --crop_face True
     python main.py --dataset selfie2anime --phase export        # a SavedModel per direction
+    python main.py --phase benchmark --light True --benchmark_json bench.json
 
 Every flag of the original `main.py` keeps its name and default. Booleans
 accept true/false/1/0/yes/no in any case, as `--light False`, `--light=false`,
@@ -50,8 +51,9 @@ def define_bool(name, default, help_text):
 
 
 # The original's flags, in its order, with its defaults.
-flags.DEFINE_enum('phase', 'train', ['train', 'test', 'export'],
-                  'train, test, or export (a TensorFlow SavedModel per direction)')
+flags.DEFINE_enum('phase', 'train', ['train', 'test', 'export', 'benchmark'],
+                  'train, test, export (a TensorFlow SavedModel per direction), or benchmark '
+                  '(time the training and translation steps on generated images)')
 define_bool('light', False, 'light model: the gamma/beta MLP sees pooled features (the paper version is full)')
 flags.DEFINE_string('dataset', 'selfie2anime', 'dataset folder name under --dataset_dir (demo: a built-in synthetic one)')
 flags.DEFINE_integer('epoch', 100, 'number of epochs; one epoch is --iteration steps')
@@ -95,6 +97,8 @@ flags.DEFINE_enum('direction', 'A2B', ['A2B', 'B2A'], '--input: A2B or B2A')
 flags.DEFINE_string('output', '', '--input: the folder for the results (default: '
                     'result_dir/model_dir/custom_<direction>)')
 define_bool('crop_face', False, '--input: crop a square around the largest face first (OpenCV)')
+flags.DEFINE_integer('benchmark_steps', 5, 'benchmark: timed runs of each step (after one warm-up)')
+flags.DEFINE_string('benchmark_json', '', 'benchmark: also write the figures to this JSON file')
 define_bool('debug', False, 'show Python tracebacks')
 
 FLAGFILE_NAME = 'flags.txt'
@@ -166,6 +170,8 @@ def run(config):
         counter = model.train()
         print(f'done: {counter - 1} steps; checkpoints in '
               f'{os.path.join(config.checkpoint_dir, config.model_dir)}')
+    elif config.phase == 'benchmark':
+        model.benchmark()
     elif config.phase == 'export':
         print(f'done: SavedModels in {model.export()}')
     elif config.input:

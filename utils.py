@@ -427,8 +427,8 @@ DEMO_OBJECT_FRACTION = (0.3, 0.6)            # disc diameter / square side, over
 DEMO_MAX_TILT_DEG = 15                       # squares are tilted by at most this
 DEMO_MARGIN = 2                              # pixels kept between the object and the border
 DEMO_NOISE_CELLS = 4                         # smooth noise: a 4×4 grid upsampled
-DEMO_NOISE_AMPLITUDE = 40
-DEMO_STRIPE_PERIOD = (6.0, 20.0)             # pixels at 64 px, scaled with the size
+DEMO_NOISE_AMPLITUDE = 25
+DEMO_STRIPE_PERIOD = (48.0, 128.0)           # pixels at 64 px, scaled with the size: soft waves
 DEMO_MIN_COLOUR_DISTANCE = 120               # object vs both stripe colours (RGB, Euclidean)
 DEMO_SUBPIXEL_BITS = 4                       # cv2 drawing precision (shift)
 DEMO_README = """\
@@ -540,6 +540,7 @@ def make_demo_dataset(root, image_size=DEMO_IMAGE_SIZE, train_count=DEMO_TRAIN_C
 HEATMAP_ALPHA = 0.5          # attention overlays: half colour map, half input
 LABEL_HEIGHT = 14            # pixels of the caption strip above a sample sheet
 SHEET_COLUMNS = ('input', 'attention', 'translation', 'cycle', 'identity')
+SHEET_MIN_TILE = 96          # small images are enlarged (nearest) to at least this so captions fit
 
 
 def to_uint8(images):
@@ -573,7 +574,7 @@ def sample_sheet(rows):
 
     `rows`: {'A2B': {'input', 'heatmap', 'translation', 'cycle', 'identity'}, 'B2A': ...}
     with images [B, S, S, C] in [-1, 1] and heatmaps [B, h, w]. Returns RGB uint8 with a
-    caption strip on top.
+    caption strip on top; tiles smaller than SHEET_MIN_TILE are enlarged by a whole factor.
     """
     lines = []
     for direction in sorted(rows):
@@ -585,6 +586,8 @@ def sample_sheet(rows):
             tiles = [np.repeat(t, 3, axis=-1) if t.shape[-1] == 1 else t for t in tiles]
             lines.append(np.concatenate(tiles, axis=1))
     sheet = np.concatenate(lines, axis=0)
+    zoom = -(-SHEET_MIN_TILE // (sheet.shape[1] // len(SHEET_COLUMNS)))  # ceiling division
+    sheet = np.repeat(np.repeat(sheet, zoom, axis=0), zoom, axis=1)
     strip = np.full((LABEL_HEIGHT, sheet.shape[1], 3), 255, np.uint8)
     width = sheet.shape[1] // len(SHEET_COLUMNS)
     for k, name in enumerate(SHEET_COLUMNS):
@@ -828,40 +831,46 @@ def write_index_html(root, sections, img_size):
 # (nothing of U-GAT-IT's networks or losses), says which domain a picture belongs to;
 # the score is the share of translations it assigns to the target domain.
 
-DEMO_CLASSIFIER_EPOCHS = 12
+DEMO_CLASSIFIER_FILTERS = (16, 32, 32)   # conv 3x3 + batch norm + ReLU + 2x2 max-pool each
+DEMO_CLASSIFIER_EPOCHS = 3
 DEMO_CLASSIFIER_BATCH = 32
-DEMO_CLASSIFIER_LR = 2e-3
-DEMO_CLASSIFIER_FILTERS = (16, 32, 64)   # conv 3x3 + 2x2 max-pool each, then a global max-pool
+DEMO_CLASSIFIER_LR = 3e-3
 
 
-def load_images_for_classifier(files, img_size):
-    """Image files → float32 [N, S, S, 3] in [-1, 1], read as the test phase reads them."""
-    return np.stack([load_test_image(f, img_size) for f in files])
+def load_images_for_classifier(files, img_size, img_ch=RGB_CHANNELS):
+    """Image files → float32 [N, S, S, img_ch] in [-1, 1], read as the test phase reads them."""
+    return np.stack([load_test_image(f, img_size, img_ch) for f in files])
 
 
-def train_domain_classifier(folder_a, folder_b, img_size, seed=0):
+def dihedral_copies(images):
+    """The 8 flips and quarter turns of [N, S, S, C] images, stacked: [8N, S, S, C].
+    A disc stays a disc and a square a square under all of them."""
+    turned = [np.rot90(images, k, axes=(1, 2)) for k in range(4)]
+    return np.concatenate(turned + [t[:, :, ::-1] for t in turned])
+
+
+def train_domain_classifier(folder_a, folder_b, img_size, seed=0, img_ch=RGB_CHANNELS):
     """A small Keras CNN trained on the real images of `folder_a` (label 0) and `folder_b`
-    (label 1), at `img_size`; returns it. Its sigmoid output is P(domain B).
+    (label 1) at `img_size` (and `img_ch`); returns it. Its sigmoid output is P(domain B).
 
-    Independent of U-GAT-IT: its own layers, loss and optimizer. Training augments with
-    left-right and up-down flips. Seeds Keras, NumPy and Python's RNGs with `seed`
-    (keras.utils.set_random_seed), so call it after any seeded work. A few seconds on a CPU.
+    Independent of U-GAT-IT: its own layers, loss and optimizer, and real images only,
+    augmented by their 8 flips and quarter turns. Seeds Keras, NumPy and Python's RNGs
+    with `seed` (keras.utils.set_random_seed), so call it after any seeded work.
+    About 10 s at 32 px on 2 CPU cores.
     """
     import keras
     keras.utils.set_random_seed(seed)
     files_a, files_b = list_images(folder_a), list_images(folder_b)
-    x = load_images_for_classifier(files_a + files_b, img_size)
-    y = np.array([0] * len(files_a) + [1] * len(files_b), np.float32)
-    x = np.concatenate([x, x[:, :, ::-1], x[:, ::-1]])   # flips: shapes do not care
-    y = np.concatenate([y, y, y])
-    layers = [keras.Input((img_size, img_size, RGB_CHANNELS))]
+    x = dihedral_copies(load_images_for_classifier(files_a + files_b, img_size, img_ch))
+    y = np.tile(np.array([0] * len(files_a) + [1] * len(files_b), np.float32), 8)
+    layers = [keras.Input((img_size, img_size, img_ch))]
     for filters in DEMO_CLASSIFIER_FILTERS:
-        layers += [keras.layers.Conv2D(filters, 3, padding='same', activation='relu'),
+        layers += [keras.layers.Conv2D(filters, 3, padding='same', use_bias=False),
+                   keras.layers.BatchNormalization(), keras.layers.ReLU(),
                    keras.layers.MaxPooling2D()]
     layers += [keras.layers.GlobalMaxPooling2D(), keras.layers.Dense(1, activation='sigmoid')]
     model = keras.Sequential(layers, name='demo_domain_classifier')
-    model.compile(optimizer=keras.optimizers.Adam(DEMO_CLASSIFIER_LR),
-                  loss='binary_crossentropy', metrics=['accuracy'])
+    model.compile(optimizer=keras.optimizers.Adam(DEMO_CLASSIFIER_LR), loss='binary_crossentropy')
     model.fit(x, y, batch_size=DEMO_CLASSIFIER_BATCH, epochs=DEMO_CLASSIFIER_EPOCHS,
               shuffle=True, verbose=0)
     return model
@@ -869,12 +878,12 @@ def train_domain_classifier(folder_a, folder_b, img_size, seed=0):
 
 def probability_of_b(classifier, files, img_size):
     """The classifier's P(domain B) for each image file: float [N]."""
-    x = load_images_for_classifier(files, img_size)
+    x = load_images_for_classifier(files, img_size, classifier.input_shape[-1])
     return classifier.predict(x, batch_size=DEMO_CLASSIFIER_BATCH, verbose=0).reshape(-1)
 
 
 def domain_accuracy(classifier, files_a, files_b, img_size):
-    """Share of `files_a` classified A and of `files_b` classified B, over all of them."""
+    """Share of `files_a` + `files_b` put in the right domain (A: P(B) < 0.5, B: >= 0.5)."""
     right = np.concatenate([probability_of_b(classifier, files_a, img_size) < 0.5,
                             probability_of_b(classifier, files_b, img_size) >= 0.5])
     return float(np.mean(right))
@@ -885,3 +894,171 @@ def domain_shares(classifier, a2b_files, b2a_files, img_size):
     to_b = float(np.mean(probability_of_b(classifier, a2b_files, img_size) >= 0.5))
     to_a = float(np.mean(probability_of_b(classifier, b2a_files, img_size) < 0.5))
     return to_b, to_a
+
+
+DEMO_SCORE_FILE = 'demo_score.json'
+DEMO_CLASSIFIER_SEED = 0                 # the score does not depend on --seed's classifier
+
+
+def demo_score(dataset_root, a2b_files, b2a_files, img_size, img_ch=RGB_CHANNELS, path=None):
+    """Scores the demo's translations: trains the classifier on dataset_root/trainA, trainB,
+    checks it on testA, testB, and classifies the translations. Returns (and with `path`
+    writes as JSON) {'A2B_classified_B', 'B2A_classified_A': shares in [0, 1],
+    'classifier_accuracy_real_test', 'A2B_images', 'B2A_images', 'img_size'}."""
+    folder = lambda split: os.path.join(dataset_root, split)
+    classifier = train_domain_classifier(folder('trainA'), folder('trainB'), img_size,
+                                         DEMO_CLASSIFIER_SEED, img_ch)
+    accuracy = domain_accuracy(classifier, list_images(folder('testA')),
+                               list_images(folder('testB')), img_size)
+    to_b, to_a = domain_shares(classifier, a2b_files, b2a_files, img_size)
+    score = {'A2B_classified_B': to_b, 'B2A_classified_A': to_a,
+             'classifier_accuracy_real_test': accuracy,
+             'A2B_images': len(a2b_files), 'B2A_images': len(b2a_files), 'img_size': img_size}
+    if path:
+        with open(path, 'w', encoding='utf-8') as f:
+            json.dump(score, f, indent=2)
+            f.write('\n')
+    return score
+
+
+# --- Benchmark helpers --------------------------------------------------------------
+# Used by `--phase benchmark`; nothing here knows U-GAT-IT.
+
+PEAK_MATMUL_SIZE = 2048       # the machine-peak probe: float32 [n, n] @ [n, n], 2n³ FLOP
+PEAK_MATMUL_REPEATS = 5
+# Ops whose work is counted (2 FLOP per multiply-add); elementwise ops, norms and
+# reductions are left out: they are a few per cent of the convolutions here.
+CONV_OPS = ('Conv2D', 'Conv2DBackpropInput', 'Conv2DBackpropFilter')
+MATMUL_OPS = ('MatMul', 'BatchMatMulV2')
+
+
+def timing_summary(seconds):
+    """{'median', 'min', 'max'} of a list of durations in seconds."""
+    values = np.asarray(seconds, np.float64)
+    return {'median': float(np.median(values)), 'min': float(values.min()),
+            'max': float(values.max())}
+
+
+def time_calls(fn, repeats):
+    """Runs `fn()` `repeats` times; returns the durations (s). `fn` must return only when
+    its work is done (fetch a result to the host on a GPU)."""
+    durations = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        durations.append(time.perf_counter() - start)
+    return durations
+
+
+def graph_flops(graph, batch):
+    """FLOP of one run of a traced graph (`tf.function(...).get_concrete_function().graph`,
+    gradients included), counting convolutions and matrix products only, at `batch`
+    for an unknown batch dimension.
+
+    Formula: 2·K_h·K_w·C_in·C_out·H_out·W_out·B for a 2-D convolution and for each of
+    its two gradients (input and filter: the same multiply-adds), 2·m·k·n for a matrix
+    product. Nested function calls (e.g. tf.recompute_grad) are counted through.
+    """
+    total = 0
+    seen_functions = set()
+
+    def dim(value):
+        return batch if value is None else value
+
+    def count(g):
+        nonlocal total
+        for op in g.get_operations():
+            if op.type in CONV_OPS:
+                # the forward conv's output (or the incoming gradient) [B, Ho, Wo, Co] and filter
+                if op.type == 'Conv2D':
+                    out_shape, kernel = op.outputs[0].shape, op.inputs[1].shape
+                elif op.type == 'Conv2DBackpropInput':
+                    out_shape, kernel = op.inputs[2].shape, op.inputs[1].shape
+                else:
+                    out_shape, kernel = op.inputs[2].shape, op.outputs[0].shape
+                b, h, w, _ = (dim(v) for v in out_shape.as_list())
+                kh, kw, cin, cout = kernel.as_list()
+                total += 2 * kh * kw * cin * cout * h * w * b
+            elif op.type in MATMUL_OPS:
+                a, b_ = op.inputs[0].shape.as_list(), op.inputs[1].shape.as_list()
+                transpose_a = op.get_attr('transpose_a' if op.type == 'MatMul' else 'adj_x')
+                transpose_b = op.get_attr('transpose_b' if op.type == 'MatMul' else 'adj_y')
+                m, k = (a[-1], a[-2]) if transpose_a else (a[-2], a[-1])
+                n = b_[-2] if transpose_b else b_[-1]
+                lead = int(np.prod([dim(v) for v in a[:-2]])) if len(a) > 2 else 1
+                total += 2 * dim(m) * dim(k) * dim(n) * lead
+            for attr in ('f', 'then_branch', 'else_branch', 'body', 'cond'):
+                try:
+                    name = op.get_attr(attr).name
+                except (ValueError, AttributeError):
+                    continue
+                if name not in seen_functions:
+                    seen_functions.add(name)
+                    function = g._get_function(name)  # noqa: SLF001 — the graph's own library
+                    if function is not None and hasattr(function, 'graph'):
+                        count(function.graph)
+
+    count(graph)
+    return total
+
+
+def machine_peak_gflops(device=None):
+    """This machine's float32 matrix-product throughput (GFLOP/s): the median of
+    PEAK_MATMUL_REPEATS products of two random [n, n] matrices, n = PEAK_MATMUL_SIZE."""
+    n = PEAK_MATMUL_SIZE
+    with tf.device(device):
+        a = tf.random.uniform([n, n])
+        b = tf.random.uniform([n, n])
+        product = tf.function(lambda: tf.reduce_sum(tf.linalg.matmul(a, b)))
+        product().numpy()  # warm-up and trace
+        seconds = time_calls(lambda: product().numpy(), PEAK_MATMUL_REPEATS)
+    return 2 * n ** 3 / np.median(seconds) / 1e9
+
+
+def peak_rss_bytes():
+    """The process's peak resident memory so far (bytes)."""
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == 'darwin' else peak * 1024   # macOS reports bytes, Linux KiB
+
+
+def write_noise_images(folder, count, size, seed=0):
+    """`count` random-noise JPEGs of size×size under `folder` (for timing the pipeline)."""
+    rng = np.random.default_rng(seed)
+    check_folder(folder)
+    paths = []
+    for i in range(count):
+        path = os.path.join(folder, f'noise_{i:04d}.jpg')
+        cv2.imwrite(path, rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+        paths.append(path)
+    return paths
+
+
+def benchmark_table(figures):
+    """The benchmark's figures (UGATIT.benchmark) as a readable table: str."""
+    c = figures['config']
+    gib = lambda n: 'n/a' if n is None else f'{n / 2 ** 30:.2f} GiB'
+    rows = [
+        ('configuration', f"{'light' if c['light'] else 'full'}, img {c['img_size']}, ch "
+                          f"{c['ch']}, batch {c['batch_size']}, on {figures['device']}"),
+        ('tracing (once per run)', f"{figures['trace_s']:.1f} s"),
+        ('training iteration (D + G)', '{:.3f} s  (range {:.3f}-{:.3f})'.format(
+            figures['train_iteration_s'], *figures['train_iteration_s_range'])),
+        ('  D update', f"{figures['d_update_s']:.3f} s"),
+        ('  G update', f"{figures['g_update_s']:.3f} s"),
+        ('training images/s (batch per iteration)', f"{figures['images_per_s']:.2f}"),
+        ('translation A2B', '{:.4f} s  (range {:.4f}-{:.4f})'.format(
+            figures['translate_s'], *figures['translate_s_range'])),
+        ('FLOP: training iteration', f"{figures['train_iteration_gflop']:.1f} GFLOP"),
+        ('FLOP: translation', f"{figures['translate_gflop']:.2f} GFLOP"),
+        ('achieved (training)', f"{figures['achieved_gflops']:.1f} GFLOP/s"),
+        ('machine peak (matmul)', f"{figures['machine_peak_gflops']:.1f} GFLOP/s"),
+        ('share of peak', f"{figures['peak_share']:.0%}"),
+        ('parameters', gib(figures['parameter_bytes'])),
+        ('optimizer state', gib(figures['optimizer_state_bytes'])),
+        ('peak host memory', gib(figures['peak_rss_bytes'])),
+        ('peak device memory', gib(figures['peak_device_bytes'])),
+        ('input pipeline', f"{figures['pipeline_images_per_s']:.0f} images/s"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return '\n'.join(f'{name:<{width}}  {value}' for name, value in rows)

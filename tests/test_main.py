@@ -662,7 +662,8 @@ def test_train_samples(cli, trained):
     sheet = cv2.imread(os.path.join(folder, 'sheet_000_00002.png'))
     assert sheet is not None
     body = sheet[utils.LABEL_HEIGHT:]
-    assert body.shape[0] == 2 * 32 and body.shape[1] == 5 * 32
+    zoom = 3  # 32-px tiles are enlarged to 96 px (utils.SHEET_MIN_TILE) so the captions fit
+    assert body.shape[0] == 2 * 32 * zoom and body.shape[1] == 5 * 32 * zoom
     assert len(np.unique(body.reshape(-1, 3), axis=0)) > 50
 
 

@@ -398,6 +398,32 @@ def test_save_images_writes_rgb_grid(tmp_path):
         utils.save_images(images, [3, 1], str(tmp_path / 'missing' / 'grid.png'))
 
 
+
+# --- pictures ----------------------------------------------------------------------
+
+def sheet_rows(size, batch=1):
+    """Sample-sheet rows whose tiles are known constants: input -1, translation 0,
+    cycle 1 (white), identity -1, heatmap a left-to-right ramp."""
+    ones = np.ones((batch, size, size, 3), np.float32)
+    part = {'input': -ones, 'translation': 0 * ones, 'cycle': ones, 'identity': -ones,
+            'heatmap': np.tile(np.arange(size // 4, dtype=np.float32), (batch, size // 4, 1))}
+    return {'A2B': part, 'B2A': part}
+
+
+@pytest.mark.parametrize('size,zoom', [(32, 3), (48, 2), (96, 1), (128, 1)])
+def test_sample_sheet_layout_and_small_tiles_enlarged(size, zoom):
+    sheet = utils.sample_sheet(sheet_rows(size, batch=2))
+    tile = size * zoom
+    assert sheet.shape == (utils.LABEL_HEIGHT + 4 * tile, 5 * tile, 3)
+    body = sheet[utils.LABEL_HEIGHT:]
+    np.testing.assert_array_equal(body[:, :tile], 0)                    # input -1 → black
+    np.testing.assert_array_equal(body[:, 2 * tile:3 * tile], 127)      # translation 0 → 127
+    np.testing.assert_array_equal(body[:, 3 * tile:4 * tile], 255)      # cycle 1 → white
+    attention = body[:tile, tile:2 * tile].astype(int)
+    assert np.abs(attention[:, 0] - attention[:, -1]).max() > 50        # the ramp shows
+    assert (sheet[:utils.LABEL_HEIGHT] < 128).any()                     # captions drawn
+
+
 # --- demo dataset ----------------------------------------------------------------
 
 def tree_hashes(root):
