@@ -3,6 +3,7 @@
     python main.py --dataset selfie2anime --light True          # train
     python main.py --dataset selfie2anime --phase test          # translate testA/testB
     python main.py --dataset selfie2anime --phase test --input me.jpg --crop_face True
+    python main.py --dataset selfie2anime --phase eval          # KID x 100 and FID, as the paper
     python main.py --dataset selfie2anime --phase export        # a SavedModel per direction
 
 Every flag of the original `main.py` keeps its name and default. Booleans
@@ -50,8 +51,9 @@ def define_bool(name, default, help_text):
 
 
 # The original's flags, in its order, with its defaults.
-flags.DEFINE_enum('phase', 'train', ['train', 'test', 'export'],
-                  'train, test, or export (a TensorFlow SavedModel per direction)')
+flags.DEFINE_enum('phase', 'train', ['train', 'test', 'eval', 'export'],
+                  'train, test, eval (KID and FID on the test images), or export (a TensorFlow '
+                  'SavedModel per direction)')
 define_bool('light', False, 'light model: the gamma/beta MLP sees pooled features (the paper version is full)')
 flags.DEFINE_string('dataset', 'selfie2anime', 'dataset folder name under --dataset_dir (demo: a built-in synthetic one)')
 flags.DEFINE_integer('epoch', 100, 'number of epochs; one epoch is --iteration steps')
@@ -95,6 +97,11 @@ flags.DEFINE_enum('direction', 'A2B', ['A2B', 'B2A'], '--input: A2B or B2A')
 flags.DEFINE_string('output', '', '--input: the folder for the results (default: '
                     'result_dir/model_dir/custom_<direction>)')
 define_bool('crop_face', False, '--input: crop a square around the largest face first (OpenCV)')
+flags.DEFINE_integer('eval_freq', 0, 'train: compute KID and FID on the test images every N steps '
+                     'of an epoch and log them to TensorBoard (0: never)')
+flags.DEFINE_string('inception_weights', '', 'eval, --eval_freq: an InceptionV3 weights file, for '
+                    'machines without internet (default: the ImageNet weights Keras downloads '
+                    'once into ~/.keras/models)')
 define_bool('debug', False, 'show Python tracebacks')
 
 FLAGFILE_NAME = 'flags.txt'
@@ -168,6 +175,8 @@ def run(config):
               f'{os.path.join(config.checkpoint_dir, config.model_dir)}')
     elif config.phase == 'export':
         print(f'done: SavedModels in {model.export()}')
+    elif config.phase == 'eval':
+        print(f'done: figures in {model.evaluate()}')
     elif config.input:
         print(f'done: results in {model.translate_input()}')
     else:
