@@ -951,7 +951,7 @@ def resolve_inception_weights(path=''):
     cached = os.path.join(cache_dir, KERAS_CACHE_SUBDIR, INCEPTION_WEIGHTS_FILE)
     if not os.path.isfile(cached):
         import keras
-        logging.info('Downloading the InceptionV3 ImageNet weights (84 MB) into %s', cached)
+        logging.info('Downloading the InceptionV3 ImageNet weights (about 90 MB) into %s', cached)
         try:
             cached = keras.utils.get_file(INCEPTION_WEIGHTS_FILE, INCEPTION_WEIGHTS_URL,
                                           cache_subdir=KERAS_CACHE_SUBDIR, cache_dir=cache_dir,

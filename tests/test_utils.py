@@ -605,6 +605,9 @@ def test_inception_weights_flag_missing_or_unloadable_file_is_user_error(tmp_pat
     assert '\n' not in str(info.value)
 
 
+# Keras' save_weights converts each variable with np.array(x, copy=False), which NumPy 2
+# warns about once per variable (Keras' code, not ours).
+@pytest.mark.filterwarnings('ignore:__array__ implementation:DeprecationWarning')
 def test_inception_weights_flag_loads_a_saved_weights_file(inception, tmp_path, monkeypatch):
     """A file InceptionV3(weights=PATH) loads (here one saved from a random network) sets
     every weight of the extractor's network; metrics.json's description names it."""
