@@ -44,6 +44,11 @@ DEMO_DATASET = 'demo'                 # --dataset demo: made on first use (utils
 DIRECTIONS = ('A2B', 'B2A')           # --direction; also the test and export folder names
 INPUT_FOLDER = 'custom_{direction}'   # --input's default output: result_dir/model_dir/custom_A2B
 EXPORT_FOLDER = 'export'              # --phase export: checkpoint_dir/model_dir/export/{A2B,B2A}
+# Per direction, the test images it translates and the real images of its target domain.
+TEST_SPLITS = {'A2B': ('testA', 'testB'), 'B2A': ('testB', 'testA')}
+METRICS_FILE = 'metrics.json'         # --phase eval: result_dir/model_dir/metrics.json
+KID_SCALE = 100                       # the paper reports KID × 100
+KID_ORDER_SEED = 0                    # the fixed shuffle before KID's blocks (see kid_and_fid)
 # Our additions to the original's checkpoint keys (the original ignores them).
 COUNTER_KEY = 'ugatit/counter'
 RNG_KEY = 'ugatit/rng_state'
@@ -94,6 +99,8 @@ class Config:
     direction: str = 'A2B'         # --input: which generator
     output: str = ''               # --input: where the results go (default: see input_output_dir)
     crop_face: bool = False        # --input: crop a square around the largest face first
+    eval_freq: int = 0             # train: KID and FID every N steps of an epoch (0: never)
+    inception_weights: str = ''    # eval: InceptionV3 weights file (default: Keras' ImageNet file)
     benchmark_steps: int = 5       # --phase benchmark: timed runs of each step
     benchmark_json: str = ''       # --phase benchmark: also write the figures here
 
@@ -134,6 +141,9 @@ class Config:
             raise UserError(f'--lr must be positive, got {self.lr}')
         if self.decay_epoch < 0:
             raise UserError(f'--decay_epoch must be at least 0, got {self.decay_epoch}')
+        if self.eval_freq < 0:
+            raise UserError(f'--eval_freq must be at least 0 (0 turns it off), got '
+                            f'{self.eval_freq}')
         if self.direction not in DIRECTIONS:
             raise UserError(f'--direction must be {" or ".join(DIRECTIONS)}, got {self.direction!r}')
         if self.input and self.phase != 'test':
@@ -425,6 +435,23 @@ def _flag_value(value):
     return str(value) if not isinstance(value, bool) else ('True' if value else 'False')
 
 
+# --- Evaluation: the paper's KID and FID ---------------------------------------------
+
+def kid_and_fid(real, fake):
+    """The paper's figures between real [N_r, 2048] and translated [N_f, 2048] features:
+    {'kid_x100_mean', 'kid_x100_std' (None with a single KID block), 'fid', 'n_translated',
+    'n_real'}. Each set is first put in a fixed pseudo-random order: KID's blocks assume
+    unordered sets (`ops.kernel_inception_distance`), and files come sorted by name.
+    """
+    order = np.random.default_rng(KID_ORDER_SEED)
+    real, fake = order.permutation(real), order.permutation(fake)
+    mean, std = ops.kernel_inception_distance(real, fake)
+    return {'kid_x100_mean': KID_SCALE * mean,
+            'kid_x100_std': KID_SCALE * std if np.isfinite(std) else None,
+            'fid': ops.frechet_distance(real, fake),
+            'n_translated': len(fake), 'n_real': len(real)}
+
+
 # --- Export: a SavedModel per direction -------------------------------------------------
 
 SERVING_KEY = 'serving_default'
@@ -481,6 +508,7 @@ class UGATIT:
         self.rng = (tf.random.Generator.from_seed(c.seed) if c.seed is not None
                     else tf.random.Generator.from_non_deterministic_state())
         self.g_opt = self.d_opt = None  # built by build_optimizers() (training only)
+        self._inception = None          # built by inception() (evaluation only)
         self._demo_checked = False      # the demo dataset is checked (or made) once
         self.build_model()
         dtype = keras.config.floatx()  # float32; float64 in the exactness tests
@@ -848,6 +876,7 @@ class UGATIT:
                 for i, d in enumerate('AB')}
         writer = tf.summary.create_file_writer(log_dir)
         write_scalars, write_rho = self._summary_writers(writer)
+        evaluate = self._training_evaluator(writer) if c.eval_freq else None
         history = utils.LossHistory(os.path.join(log_dir, 'losses.jsonl'))
         progress = utils.Progress(c.epoch * c.iteration, steps_done)
         sample_fn = tf.function(self._sample_images, autograph=False)
@@ -887,6 +916,8 @@ class UGATIT:
                             tf.summary.image('samples', sheet[None], max_outputs=1)
                     if (idx + 1) % c.save_freq == 0:
                         saved_at = self._save(checkpoint_dir, counter, history, progress)
+                    if evaluate is not None and (idx + 1) % c.eval_freq == 0:
+                        progress.note(evaluate(step))
                 start_batch = 0
                 if saved_at != counter:
                     saved_at = self._save(checkpoint_dir, counter, history, progress)
@@ -969,27 +1000,19 @@ class UGATIT:
         `…/input/<name>` (what the generator saw), `…/attention/<name>` (the
         CAM heatmap over the input) and `index.html`. Returns the page's path.
         """
-        c = self.config
         self.load_for_inference()
-        out_root = os.path.join(c.result_dir, c.model_dir)
-        # Both folders are checked before anything is written.
-        inputs = {d: utils.list_images(self.dataset_folder(split))
-                  for d, split in (('A2B', 'testA'), ('B2A', 'testB'))}
-        sections = []
-        for direction, files in inputs.items():
-            rows = self.translate_files(files, os.path.join(out_root, direction), direction)
-            sections.append((direction, rows))
-        page = utils.write_index_html(out_root, sections, c.img_size)
-        if c.dataset == DEMO_DATASET:
-            self.demo_score(out_root, dict(sections))
+        sections = self._test_translations(self._test_inputs())
+        page = utils.write_index_html(self.result_root, sections, self.config.img_size)
+        if self.config.dataset == DEMO_DATASET:
+            self.demo_score(dict(sections))
         return page
 
-    def demo_score(self, out_root, sections):
+    def demo_score(self, sections):
         """`--dataset demo`: the share of translations that a small classifier, trained on the
         real demo images only, puts in the target domain. Prints one line, writes
-        `out_root/demo_score.json` and returns its dict (see `utils.demo_score`)."""
+        `result_dir/model_dir/demo_score.json` and returns its dict (see `utils.demo_score`)."""
         c = self.config
-        path = os.path.join(out_root, utils.DEMO_SCORE_FILE)
+        path = os.path.join(self.result_root, utils.DEMO_SCORE_FILE)
         score = utils.demo_score(os.path.dirname(self.dataset_folder('trainA')),
                                  [row['output'] for row in sections['A2B']],
                                  [row['output'] for row in sections['B2A']],
@@ -1001,19 +1024,134 @@ class UGATIT:
               f'real test images; {path})', flush=True)
         return score
 
-    def translate_files(self, files, out_dir, direction):
-        """Translates image files in batches of --batch_size; returns the index rows."""
+    @property
+    def result_root(self):
+        """result_dir/model_dir: the test phase's outputs, index.html and metrics.json."""
+        return os.path.join(self.config.result_dir, self.config.model_dir)
+
+    def _test_inputs(self):
+        """{direction: the files of its test split}; both folders are checked before anything
+        is written."""
+        return {d: utils.list_images(self.dataset_folder(source))
+                for d, (source, _) in TEST_SPLITS.items()}
+
+    def _test_translations(self, inputs, reuse_since=None):
+        """Translates `inputs` ({direction: files}) into result_dir/model_dir/<direction>/;
+        returns the index sections [(direction, rows)]. With `reuse_since` (a time stamp),
+        a direction whose outputs are all current (`utils.current_translations`) is kept."""
+        sections = []
+        for direction, files in inputs.items():
+            out_dir = os.path.join(self.result_root, direction)
+            rows = None
+            if reuse_since is not None:
+                rows = utils.current_translations(out_dir, files, reuse_since, self.config.img_size)
+            if rows is None:
+                rows = self.translate_files(files, out_dir, direction)
+            else:
+                print(f'{direction}: reusing the {len(rows)} translations in {out_dir} (newer '
+                      'than the checkpoint)', flush=True)
+            sections.append((direction, rows))
+        return sections
+
+    def _translate_batches(self, files, direction):
+        """Per --batch_size batch of image files: (paths, inputs [B, S, S, img_ch] in [-1, 1],
+        translations, heatmaps [B, S/4, S/4])."""
         c = self.config
-        rows = []
         for start in range(0, len(files), c.batch_size):
             batch = files[start:start + c.batch_size]
             images = np.stack([utils.load_test_image(f, c.img_size, c.img_ch) for f in batch])
-            fakes, heatmaps = self.translate(images, direction)
+            yield (batch, images, *self.translate(images, direction))
+
+    def translate_files(self, files, out_dir, direction):
+        """Translates image files in batches of --batch_size; returns the index rows."""
+        rows = []
+        for batch, images, fakes, heatmaps in self._translate_batches(files, direction):
             for path, image, fake, heatmap in zip(batch, images, fakes, heatmaps):
                 rows.append(utils.save_translation(out_dir, os.path.basename(path), image, fake,
                                                    heatmap))
-            print(f'{direction}: {min(start + c.batch_size, len(files))}/{len(files)}', flush=True)
+            print(f'{direction}: {len(rows)}/{len(files)}', flush=True)
         return rows
+
+    # -- evaluation: KID and FID (--phase eval, --eval_freq) --
+
+    def inception(self):
+        """The evaluation's feature extractor (`utils.load_inception`), built on first use."""
+        if self._inception is None:
+            self._inception = utils.load_inception(self.config.inception_weights)
+        return self._inception
+
+    def _eval_files(self):
+        """({direction: test files to translate}, {direction: real files of its target domain});
+        UserError when a folder holds fewer than the 2 images KID and FID need."""
+        inputs = self._test_inputs()
+        reals = {d: inputs[other] for d, other in (('A2B', 'B2A'), ('B2A', 'A2B'))}
+        for files in inputs.values():
+            if len(files) < ops.MIN_PER_BLOCK:
+                raise UserError(f'{os.path.dirname(files[0])} holds {len(files)} image: KID and '
+                                f'FID need at least {ops.MIN_PER_BLOCK} in each test folder')
+        return inputs, reals
+
+    def evaluate(self):
+        """`--phase eval`: the paper's KID × 100 (mean ± std) and FID, per direction.
+
+        Loads the generators as the test phase does. The translations are the test phase's
+        outputs when all of them are newer than the checkpoint; otherwise the test images are
+        translated again, and written, as the test phase does. A2B's translations are
+        compared with the real testB images, B2A's with testA, by their InceptionV3 features
+        (`utils.InceptionFeatures`, cached per folder) and `kid_and_fid`. Writes
+        result_dir/model_dir/metrics.json and the figures into its index.html, prints a
+        table, and returns the path of metrics.json.
+        """
+        extractor = self.inception()  # weights problems surface before any other work
+        prefix = self.load_for_inference()
+        inputs, reals = self._eval_files()
+        sections = self._test_translations(inputs, reuse_since=os.path.getmtime(prefix + '.index'))
+        record = {'checkpoint': prefix, 'kid_max_block_size': ops.KID_MAX_BLOCK_SIZE}
+        for direction, rows in sections:
+            fake = extractor.of_files([row['output'] for row in rows])
+            record[direction] = {
+                **kid_and_fid(extractor.of_files(reals[direction]), fake),
+                'translated': os.path.join(self.result_root, direction),
+                'real': os.path.dirname(reals[direction][0]),
+                'weights': extractor.description}
+        path = os.path.join(self.result_root, METRICS_FILE)
+        with open(path, 'w', encoding='utf-8') as f:
+            json.dump(record, f, indent=2, allow_nan=False)
+        figures = {d: record[d] for d in TEST_SPLITS}
+        note = (f'Translations against the real test images of the target domain (A2B: testB, '
+                f'B2A: testA); lower is better. KID blocks of at most {ops.KID_MAX_BLOCK_SIZE}. '
+                f'Checkpoint {prefix}; InceptionV3 weights {extractor.description}.')
+        print(utils.metrics_table(figures))
+        print(note)
+        utils.write_index_html(self.result_root, sections, self.config.img_size, figures, note)
+        return path
+
+    def _training_evaluator(self, writer):
+        """For --eval_freq: a function evaluate(step) that computes KID and FID of the current
+        generators, logs them as `eval/<direction>/<figure>` TensorBoard scalars and returns a
+        one-line summary. The test images are translated in memory, to uint8 as the test
+        phase would write them; nothing is written, so result_dir keeps the test phase's
+        outputs. The weights are loaded and the real images' features computed (or read from
+        their cache) now, so that a problem stops the run before its first step."""
+        extractor = self.inception()
+        inputs, reals = self._eval_files()
+        real_features = {d: extractor.of_files(files) for d, files in reals.items()}
+
+        def evaluate(step):
+            figures = {}
+            for direction, files in inputs.items():
+                fakes = [utils.to_uint8(fake) for *_, batch_fakes, _ in
+                         self._translate_batches(files, direction) for fake in batch_fakes]
+                figures[direction] = kid_and_fid(real_features[direction], extractor(fakes))
+            with writer.as_default(step=step):
+                for direction, values in figures.items():
+                    for name in ('kid_x100_mean', 'kid_x100_std', 'fid'):
+                        if values[name] is not None:
+                            tf.summary.scalar(f'eval/{direction}/{name}', values[name])
+            return f'eval at step {int(step)}: ' + '; '.join(
+                f'{d} KID×100 {kid}, FID {fid}' for d, kid, fid, *_ in utils.metric_rows(figures))
+
+        return evaluate
 
     # -- own images (--input) and export --
 

@@ -3,6 +3,7 @@
     python main.py --dataset selfie2anime --light True          # train
     python main.py --dataset selfie2anime --phase test          # translate testA/testB
     python main.py --dataset selfie2anime --phase test --input me.jpg --crop_face True
+    python main.py --dataset selfie2anime --phase eval          # KID x 100 and FID, as the paper
     python main.py --dataset selfie2anime --phase export        # a SavedModel per direction
     python main.py --phase benchmark --light True --benchmark_json bench.json
 
@@ -51,9 +52,10 @@ def define_bool(name, default, help_text):
 
 
 # The original's flags, in its order, with its defaults.
-flags.DEFINE_enum('phase', 'train', ['train', 'test', 'export', 'benchmark'],
-                  'train, test, export (a TensorFlow SavedModel per direction), or benchmark '
-                  '(time the training and translation steps on generated images)')
+flags.DEFINE_enum('phase', 'train', ['train', 'test', 'eval', 'export', 'benchmark'],
+                  'train, test, eval (KID and FID on the test images), export (a TensorFlow '
+                  'SavedModel per direction), or benchmark (time the training and translation '
+                  'steps on generated images)')
 define_bool('light', False, 'light model: the gamma/beta MLP sees pooled features (the paper version is full)')
 flags.DEFINE_string('dataset', 'selfie2anime', 'dataset folder name under --dataset_dir (demo: a built-in synthetic one)')
 flags.DEFINE_integer('epoch', 100, 'number of epochs; one epoch is --iteration steps')
@@ -97,6 +99,11 @@ flags.DEFINE_enum('direction', 'A2B', ['A2B', 'B2A'], '--input: A2B or B2A')
 flags.DEFINE_string('output', '', '--input: the folder for the results (default: '
                     'result_dir/model_dir/custom_<direction>)')
 define_bool('crop_face', False, '--input: crop a square around the largest face first (OpenCV)')
+flags.DEFINE_integer('eval_freq', 0, 'train: compute KID and FID on the test images every N steps '
+                     'of an epoch and log them to TensorBoard (0: never)')
+flags.DEFINE_string('inception_weights', '', 'eval, --eval_freq: an InceptionV3 weights file, for '
+                    'machines without internet (default: the ImageNet weights Keras downloads '
+                    'once into ~/.keras/models)')
 flags.DEFINE_integer('benchmark_steps', 5, 'benchmark: timed runs of each step (after one warm-up)')
 flags.DEFINE_string('benchmark_json', '', 'benchmark: also write the figures to this JSON file')
 define_bool('debug', False, 'show Python tracebacks')
@@ -174,6 +181,8 @@ def run(config):
         model.benchmark()
     elif config.phase == 'export':
         print(f'done: SavedModels in {model.export()}')
+    elif config.phase == 'eval':
+        print(f'done: figures in {model.evaluate()}')
     elif config.input:
         print(f'done: results in {model.translate_input()}')
     else:

@@ -1,4 +1,5 @@
-"""Small helpers shared by the model and the command line: errors, paths, data and image I/O.
+"""Small helpers shared by the model and the command line: errors, paths, data and image I/O,
+pictures, and the InceptionV3 features of the evaluation (KID and FID).
 
 Data follows the original release (spec §10): training images are decoded and resized
 with TF ops (the legacy bilinear kernel), test images with OpenCV, and pixel values map to
@@ -14,6 +15,7 @@ import os
 import re
 import sys
 import time
+import uuid
 
 import cv2
 import numpy as np
@@ -645,6 +647,22 @@ class Progress:
             self.open_line = False
 
 
+BAR_WIDTH = 30               # characters of count_bar's bar
+
+
+def count_bar(label, done, total, stream=None):
+    """One progress report, `label [#####.....] done/total`: rewritten in place on a terminal
+    (ending the line when done == total), a plain line in a log file (no control codes)."""
+    stream = stream or sys.stdout
+    filled = BAR_WIDTH * done // max(total, 1)
+    line = f'{label} [{"#" * filled}{"." * (BAR_WIDTH - filled)}] {done}/{total}'
+    if stream.isatty():
+        stream.write('\r\x1b[K' + line + ('\n' if done >= total else ''))
+    else:
+        stream.write(line + '\n')
+    stream.flush()
+
+
 def format_duration(seconds):
     seconds = int(max(seconds, 0))
     days, rest = divmod(seconds, 86400)
@@ -786,31 +804,86 @@ def _update_checkpoint_state(directory, newest, max_to_keep, marker_key):
 
 # --- Test-phase outputs ------------------------------------------------------------
 
+def translation_paths(out_dir, name):
+    """Where the test phase puts image `name`: {'name', 'input', 'attention', 'output'} (the
+    translation `out_dir/<name>`, the model's input and the attention map in subfolders)."""
+    return {'name': name,
+            'input': os.path.join(out_dir, 'input', name),
+            'attention': os.path.join(out_dir, 'attention', name),
+            'output': os.path.join(out_dir, name)}
+
+
 def save_translation(out_dir, name, image, fake, heatmap):
     """Writes `out_dir/<name>` (translation), `out_dir/input/<name>` (the model's input) and
     `out_dir/attention/<name>` (heatmap over the input); returns the paths for the index."""
     source = to_uint8(image)
-    paths = {'name': name,
-             'input': os.path.join(out_dir, 'input', name),
-             'attention': os.path.join(out_dir, 'attention', name),
-             'output': os.path.join(out_dir, name)}
+    paths = translation_paths(out_dir, name)
     write_image(paths['input'], source)
     write_image(paths['attention'], heatmap_overlay(source, heatmap))
     write_image(paths['output'], to_uint8(fake))
     return paths
 
 
-def write_index_html(root, sections, img_size):
+def current_translations(out_dir, files, since, img_size):
+    """The index rows (`translation_paths`) of the test-phase outputs of `files` in `out_dir`
+    if they can be reused, else None: every translation, input and attention picture exists,
+    none is older than `since` (a time stamp: the checkpoint's), and every translation is
+    img_size × img_size (a light model runs at any --img_size under one model_dir)."""
+    rows = [translation_paths(out_dir, os.path.basename(f)) for f in files]
+    for row in rows:
+        for key in ('output', 'input', 'attention'):
+            if not os.path.isfile(row[key]) or os.path.getmtime(row[key]) < since:
+                return None
+        image = cv2.imread(row['output'], cv2.IMREAD_UNCHANGED)
+        if image is None or image.shape[:2] != (img_size, img_size):
+            return None
+    return rows
+
+
+METRIC_COLUMNS = ('direction', 'KID×100', 'FID', 'translated', 'real')
+
+
+def metric_rows(metrics):
+    """[(direction, 'mean ± std', FID, images translated, real images)] as text, for
+    `metrics` = {direction: {'kid_x100_mean', 'kid_x100_std' (None: one block), 'fid',
+    'n_translated', 'n_real'}}."""
+    rows = []
+    for direction, m in metrics.items():
+        std = m['kid_x100_std']
+        spread = f'± {std:.2f}' if std is not None and np.isfinite(std) else '(one block: no std)'
+        rows.append((direction, f'{m["kid_x100_mean"]:.2f} {spread}', f'{m["fid"]:.2f}',
+                     str(m['n_translated']), str(m['n_real'])))
+    return rows
+
+
+def metrics_table(metrics):
+    """`metrics` (as `metric_rows` takes) as a plain-text table under a header line."""
+    rows = [METRIC_COLUMNS] + metric_rows(metrics)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(METRIC_COLUMNS))]
+    return '\n'.join('  '.join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+                     for row in rows)
+
+
+def write_index_html(root, sections, img_size, metrics=None, metrics_note=''):
     """`root/index.html`: per direction, one row per image (name, input, attention, output),
-    every image linked relative to `root` so that the folder can be moved or zipped."""
+    every image linked relative to `root` so that the folder can be moved or zipped. With
+    `metrics` (as `metric_rows` takes), a table of the KID and FID figures comes first,
+    followed by `metrics_note`."""
     def img(path):
         rel = html.escape(os.path.relpath(path, root).replace(os.sep, '/'), quote=True)
         return f'<td><img src="{rel}" width="{img_size}" height="{img_size}" alt=""></td>'
+
+    def cells(tag, values):
+        return '<tr>' + ''.join(f'<{tag}>{html.escape(v)}</{tag}>' for v in values) + '</tr>'
 
     parts = ['<!DOCTYPE html>', '<html lang="en">', '<head><meta charset="utf-8">',
              '<title>U-GAT-IT results</title>',
              '<style>body{font-family:sans-serif} td{padding:2px} th{text-align:left}</style>',
              '</head>', '<body>']
+    if metrics:
+        parts += ['<h2>KID and FID</h2>', '<table>', cells('th', METRIC_COLUMNS)]
+        parts += [cells('td', row) for row in metric_rows(metrics)]
+        parts += ['</table>', f'<p>{html.escape(metrics_note)}</p>']
     for direction, rows in sections:
         parts += [f'<h2>{html.escape(direction)}</h2>', '<table>',
                   '<tr><th>name</th><th>input</th><th>attention</th><th>output</th></tr>']
@@ -823,6 +896,209 @@ def write_index_html(root, sections, img_size):
     with open(path, 'w', encoding='utf-8') as f:
         f.write('\n'.join(parts) + '\n')
     return path
+
+
+# --- Evaluation: InceptionV3 features for KID and FID ---------------------------------
+#
+# The paper's protocol: uint8 RGB images (as the test phase writes them), resized to
+# 299 × 299 by tf.image.resize (bilinear), keras.applications.inception_v3.preprocess_input
+# (x / 127.5 − 1), InceptionV3(include_top=False, pooling='avg'): one 2048-d vector each.
+
+INCEPTION_SIZE = 299                 # InceptionV3's input side
+INCEPTION_FEATURES = 2048            # the average-pooled last block
+INCEPTION_BATCH = 16                 # images per forward pass (memory only: not the results)
+INCEPTION_WEIGHTS_FILE = 'inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5'
+# Where Keras downloads that file from, and its md5 (keras.applications.inception_v3).
+INCEPTION_WEIGHTS_URL = ('https://storage.googleapis.com/tensorflow/keras-applications/'
+                         'inception_v3/' + INCEPTION_WEIGHTS_FILE)
+INCEPTION_WEIGHTS_MD5 = 'bcbd6486424b2319ff4ef7d526e38f63'
+KERAS_CACHE_SUBDIR = 'models'
+# Tests only: when set (to anything), InceptionV3(weights=None): random weights and no
+# download. Such figures compare nothing; metrics.json and the log say so.
+RANDOM_INCEPTION_ENV = 'UGATIT_TEST_RANDOM_INCEPTION'
+FEATURE_CACHE = '.inception_features.npz'   # per image folder (a dot-file: no dataset image)
+
+
+def keras_cache_dir():
+    """Keras' cache folder, chosen as Keras chooses it: $KERAS_HOME, else ~/.keras (/tmp/.keras
+    when the home folder is not writable)."""
+    if 'KERAS_HOME' in os.environ:
+        return os.environ['KERAS_HOME']
+    home = os.path.expanduser('~')
+    return os.path.join(home if os.access(home, os.W_OK) else '/tmp', '.keras')
+
+
+def _first_line(err):
+    text = str(getattr(err, 'message', err)).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def resolve_inception_weights(path=''):
+    """The InceptionV3 weights to use: (a weights file, or None for random weights; a
+    description for metrics.json).
+
+    `path` (--inception_weights) if given; else the ImageNet file in Keras' cache, looked
+    for before anything else so that offline machines that have it never try the network;
+    else Keras downloads it there (once, checking its md5). With RANDOM_INCEPTION_ENV set
+    (tests), random weights. Raises UserError, in one line giving both ways to get the
+    weights, when the file is not cached and the download fails.
+    """
+    if os.environ.get(RANDOM_INCEPTION_ENV):
+        return None, f'random (InceptionV3(weights=None) by {RANDOM_INCEPTION_ENV}: tests only)'
+    if path:
+        if not os.path.isfile(path):
+            raise UserError(f'--inception_weights {path} is not a file: give the path of an '
+                            f'InceptionV3 weights file such as {INCEPTION_WEIGHTS_FILE}')
+        return path, os.path.abspath(path)
+    cache_dir = keras_cache_dir()
+    cached = os.path.join(cache_dir, KERAS_CACHE_SUBDIR, INCEPTION_WEIGHTS_FILE)
+    if not os.path.isfile(cached):
+        import keras
+        logging.info('Downloading the InceptionV3 ImageNet weights (about 90 MB) into %s', cached)
+        try:
+            cached = keras.utils.get_file(INCEPTION_WEIGHTS_FILE, INCEPTION_WEIGHTS_URL,
+                                          cache_subdir=KERAS_CACHE_SUBDIR, cache_dir=cache_dir,
+                                          file_hash=INCEPTION_WEIGHTS_MD5)
+        except Exception as err:  # Keras raises a plain Exception for every download failure
+            raise UserError(
+                f'no InceptionV3 ImageNet weights: {cached} does not exist and downloading it '
+                f'failed ({_first_line(err)}); connect to the internet once (Keras keeps the '
+                f'file), or pass --inception_weights PATH with a copy of {INCEPTION_WEIGHTS_FILE}'
+            ) from err
+    return cached, f'imagenet ({cached})'
+
+
+class InceptionFeatures:
+    """The evaluation's feature extractor: uint8 RGB images → float32 [N, 2048].
+
+    `weights`: a weights file (`resolve_inception_weights`) or None (random: tests).
+    `description` names them in metrics.json; `tag` identifies them in feature caches
+    (random weights get a tag of their own, so no other extractor reuses their features).
+    """
+
+    def __init__(self, weights=None, description='random'):
+        import keras
+        try:
+            self.model = keras.applications.InceptionV3(
+                include_top=False, pooling='avg', weights=weights,
+                input_shape=(INCEPTION_SIZE, INCEPTION_SIZE, RGB_CHANNELS))
+        except (OSError, ValueError, KeyError) as err:
+            raise UserError(f'cannot load InceptionV3 weights from {weights}: {_first_line(err)} '
+                            f'(use a copy of {INCEPTION_WEIGHTS_FILE})') from err
+        self.description = description
+        if weights is None:
+            self.tag = f'random-{uuid.uuid4().hex}'
+        else:
+            stat = os.stat(weights)
+            self.tag = f'{os.path.realpath(weights)}:{stat.st_size}:{stat.st_mtime_ns}'
+        spec = tf.TensorSpec([None, INCEPTION_SIZE, INCEPTION_SIZE, RGB_CHANNELS], tf.float32)
+        self._forward = tf.function(lambda x: self.model(x, training=False),
+                                    input_signature=[spec], autograph=False)
+
+    @staticmethod
+    def preprocess(images):
+        """uint8 images ([N, H, W, C] or a list of [H, W, C], any sizes; C = 3, or 1 for grey)
+        → float32 [N, 299, 299, 3] in [-1, 1]: tf.image.resize (bilinear) of each, then
+        inception_v3.preprocess_input."""
+        from keras.applications import inception_v3
+        resized = []
+        for image in images:
+            image = tf.cast(tf.convert_to_tensor(image), tf.float32)
+            if image.shape[-1] == 1:
+                image = tf.image.grayscale_to_rgb(image)
+            resized.append(tf.image.resize(image, [INCEPTION_SIZE, INCEPTION_SIZE],
+                                           method='bilinear'))
+        return inception_v3.preprocess_input(tf.stack(resized))
+
+    def __call__(self, images):
+        """Features float32 [N, 2048] of uint8 images (as `preprocess` takes), in batches."""
+        batches = [self._forward(self.preprocess(images[i:i + INCEPTION_BATCH])).numpy()
+                   for i in range(0, len(images), INCEPTION_BATCH)]
+        return np.concatenate(batches) if batches else np.zeros((0, INCEPTION_FEATURES), np.float32)
+
+    def of_files(self, files):
+        """Features float32 [N, 2048] of image files (read as the test phase reads them),
+        cached per folder (`FeatureCache`): only new or changed files go through the network,
+        in batches, under a progress bar."""
+        by_folder = {}
+        for path in files:
+            by_folder.setdefault(os.path.dirname(path) or '.', []).append(path)
+        features = {}
+        for folder, paths in by_folder.items():
+            cache = FeatureCache(folder, self.tag)
+            todo = [p for p in paths if cache.get(p) is None]
+            label = f'InceptionV3 features of {folder} ({len(paths) - len(todo)} cached)'
+            for start in range(0, len(todo), INCEPTION_BATCH):
+                batch = todo[start:start + INCEPTION_BATCH]
+                for path, feature in zip(batch, self([read_image_rgb(p) for p in batch])):
+                    cache.put(path, feature)
+                count_bar(label, start + len(batch), len(todo))
+            if todo:
+                cache.save()
+            features.update((p, cache.get(p)) for p in paths)
+        return np.stack([features[p] for p in files])
+
+
+def load_inception(weights_path=''):
+    """`InceptionFeatures` with the weights `resolve_inception_weights(weights_path)` picks."""
+    weights, description = resolve_inception_weights(weights_path)
+    if weights is None:
+        logging.warning('InceptionV3 with random weights (%s is set): the figures compare '
+                        'nothing', RANDOM_INCEPTION_ENV)
+    return InceptionFeatures(weights, description)
+
+
+class FeatureCache:
+    """The features of the images of one folder, in `folder/.inception_features.npz`.
+
+    An entry is reused while its file keeps its size and modification time and the
+    weights keep their tag; anything else is recomputed. A missing, unreadable or
+    unwritable cache only costs time (a warning when it cannot be written).
+    """
+
+    def __init__(self, folder, tag):
+        self.path, self.tag = os.path.join(folder, FEATURE_CACHE), tag
+        self.entries = {}  # file name -> ((size, mtime_ns), feature [2048])
+        try:
+            with np.load(self.path, allow_pickle=False) as data:
+                if str(data['tag']) == tag:
+                    for name, size, mtime, feature in zip(data['names'], data['sizes'],
+                                                          data['mtimes'], data['features']):
+                        self.entries[str(name)] = ((int(size), int(mtime)), feature)
+        except (OSError, ValueError, KeyError):
+            pass  # no cache yet, or a broken one: everything is recomputed
+
+    @staticmethod
+    def _stamp(path):
+        stat = os.stat(path)
+        return stat.st_size, stat.st_mtime_ns
+
+    def get(self, path):
+        """The cached feature of `path`, or None if absent or stale."""
+        entry = self.entries.get(os.path.basename(path))
+        return entry[1] if entry is not None and entry[0] == self._stamp(path) else None
+
+    def put(self, path, feature):
+        self.entries[os.path.basename(path)] = (self._stamp(path), feature)
+
+    def save(self):
+        """Writes the entries whose files still exist unchanged (atomically: tmp + rename)."""
+        folder = os.path.dirname(self.path)
+        names = [name for name, (stamp, _) in sorted(self.entries.items())
+                 if os.path.isfile(os.path.join(folder, name))
+                 and self._stamp(os.path.join(folder, name)) == stamp]
+        tmp = os.path.join(folder, TMP_PREFIX + FEATURE_CACHE)
+        try:
+            with open(tmp, 'wb') as f:
+                np.savez(f, tag=np.array(self.tag), names=np.array(names, dtype=str),
+                         sizes=np.array([self.entries[n][0][0] for n in names], np.int64),
+                         mtimes=np.array([self.entries[n][0][1] for n in names], np.int64),
+                         features=np.array([self.entries[n][1] for n in names], np.float32
+                                           ).reshape(len(names), -1))
+            os.replace(tmp, self.path)
+        except OSError as err:
+            logging.warning('cannot write the feature cache %s (%s): features will be '
+                            'recomputed next time', self.path, _first_line(err))
 
 
 # --- Demo score: an independent domain classifier -----------------------------------

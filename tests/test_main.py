@@ -2,9 +2,11 @@
 
 Spec §1 (flags, run folders), §7–§13 (training loop, checkpoints, samples, test phase).
 Flags are parsed in-process (each test starts from unparsed flags and restores them);
-the command-line flow runs main.py in three subprocesses (train, resume, test) plus one
-for the test phase without a checkpoint, chained in a background thread that starts with
-the module's first test, so it overlaps the in-process tests. Shapes are the tiniest
+the command-line flow runs main.py in four subprocesses (train, resume with --eval_freq,
+test, eval) plus one for the test phase without a checkpoint, chained in a background
+thread that starts with the module's first test, so it overlaps the in-process tests.
+The evaluation runs use a random-weight InceptionV3 (utils.RANDOM_INCEPTION_ENV): nothing
+is downloaded, and their figures only need to be well-formed. Shapes are the tiniest
 valid ones: light, 32 px, n_dis 4, ch 4, n_res 1 (16 px, n_dis 3, ch 2 in-process).
 """
 import contextlib
@@ -33,7 +35,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(ROOT, 'main.py')
 TIMEOUT = 900  # seconds per CLI run: a guard against hangs, not a speed assertion
 # TensorFlow's C++ start-up lines go to stderr; silence them to see only ours.
-ENV = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2', 'CUDA_VISIBLE_DEVICES': ''}
+ENV = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2', 'CUDA_VISIBLE_DEVICES': '',
+       'UGATIT_TEST_RANDOM_INCEPTION': '1'}
 
 TINY = ['--light', 'True', '--img_size', '32', '--n_dis', '4', '--ch', '4', '--n_res', '1']
 DATASET = 'tiny'
@@ -103,12 +106,14 @@ def write_dataset(root):
 class Cli:
     """A workspace (dataset, run folders) and the chain of main.py runs, in a background thread.
 
-    train (2 epochs) → copy its run folders to after_train/ → resume (--epoch 3) → test phase,
-    with the no-checkpoint test run alongside the last one. Each run's stdout and stderr go
-    to files; `result(name)` waits for a run and returns its exit status and output.
+    train (2 epochs) → copy its run folders to after_train/ → resume (--epoch 3, --eval_freq 3)
+    → test phase, with the no-checkpoint test run alongside it → copy the results to
+    eval_results/ → eval phase there (so that it cannot rewrite what the test-phase tests
+    read). Each run's stdout and stderr go to files; `result(name)` waits for a run and
+    returns its exit status and output.
     """
 
-    RUNS = ('train', 'resume', 'no_checkpoint', 'test')
+    RUNS = ('train', 'resume', 'no_checkpoint', 'test', 'eval')
 
     def __init__(self, root):
         self.root = str(root)
@@ -138,7 +143,7 @@ class Cli:
             for kind in ('checkpoint', 'logs', 'samples'):
                 shutil.copytree(self.path(kind, MODEL_DIR), self.path('after_train', kind))
             self.finished['train'].set()  # only now: the tests of `train` read after_train/
-            if self._run('resume', self.args + ['--epoch', '3']) != 0:
+            if self._run('resume', self.args + ['--epoch', '3', '--eval_freq', str(ITERATION)]) != 0:
                 return
             empty = self.path('empty_checkpoints', MODEL_DIR)
             os.makedirs(empty)  # a run folder that died before its first save: flags.txt only
@@ -146,8 +151,14 @@ class Cli:
             self._start('no_checkpoint', self.args + [
                 '--epoch', '3', '--phase', 'test', '--result_dir', self.path('empty_results'),
                 '--checkpoint_dir', self.path('empty_checkpoints')])
-            self._run('test', self.args + ['--epoch', '3', '--phase', 'test'])
+            tested = self._run('test', self.args + ['--epoch', '3', '--phase', 'test'])
             self._finish('no_checkpoint')
+            if tested != 0:
+                return
+            # copytree keeps the modification times: the outputs stay newer than the checkpoint.
+            shutil.copytree(self.path('results', MODEL_DIR), self.path('eval_results', MODEL_DIR))
+            self._run('eval', self.args + ['--epoch', '3', '--phase', 'eval',
+                                           '--result_dir', self.path('eval_results')])
         finally:
             for event in self.finished.values():
                 event.set()
@@ -197,7 +208,7 @@ class Cli:
             self.thread.join(timeout=1)
 
 
-CLI_FIXTURES = {'trained', 'resumed', 'tested', 'no_checkpoint_run'}
+CLI_FIXTURES = {'trained', 'resumed', 'tested', 'no_checkpoint_run', 'evaluated'}
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -227,6 +238,12 @@ def resumed(cli, trained):
 def tested(cli, resumed):
     """--phase test with the flags of the resumed run."""
     return cli.result('test')
+
+
+@pytest.fixture(scope='module')
+def evaluated(cli, tested):
+    """--phase eval on a copy of the test phase's results (eval_results/)."""
+    return cli.result('eval')
 
 
 @pytest.fixture(scope='module')
@@ -384,6 +401,7 @@ def run_main(tmp_path, *args):
     (['--img_size', '30'], ['--img_size', 'divisible']),
     (['--img_size', '64', '--n_dis', '6'], ['--n_dis 5', '--img_size 96']),
     (['--lr', '0'], ['--lr']),
+    (['--eval_freq', '-1'], ['--eval_freq']),
     (['--phase', 'predict'], ['phase']),
 ])
 def test_invalid_config_exits_2_with_one_line(parse, tmp_path, args, words):
@@ -786,3 +804,64 @@ def test_test_phase_without_checkpoint(cli, no_checkpoint_run):
     line = assert_one_error_line(no_checkpoint_run.stderr)
     assert 'checkpoint' in line
     assert not os.path.exists(cli.path('empty_results')) or files_under(cli.path('empty_results')) == []
+
+
+# --- 5. evaluation: --eval_freq during training, --phase eval -----------------------------
+
+def test_eval_with_a_missing_weights_file_exits_1(parse, tmp_path, monkeypatch):
+    """--phase eval --inception_weights PATH that does not exist: exit 1, one line naming
+    the flag, before any checkpoint or dataset is looked at."""
+    import utils
+    monkeypatch.delenv(utils.RANDOM_INCEPTION_ENV, raising=False)
+    code, _, err = run_main(tmp_path, '--phase', 'eval', '--inception_weights',
+                            str(tmp_path / 'absent.h5'))
+    assert code == 1
+    assert '--inception_weights' in assert_one_error_line(err)
+    assert files_under(str(tmp_path)) == []
+
+
+def test_eval_freq_logs_the_figures_to_tensorboard(cli, resumed):
+    """--eval_freq 3 on the resumed run (steps 7–9): one evaluation, at step 9, as scalars
+    eval/<direction>/kid_x100_mean and fid (no std: 3 images make one KID block) and a line."""
+    records = event_records(cli.path('logs', MODEL_DIR))
+    evals = sorted((tag, step) for tag, step, _ in records if tag.startswith('eval/'))
+    assert evals == [(f'eval/{d}/{name}', 9) for d in ('A2B', 'B2A') for name in ('fid', 'kid_x100_mean')]
+    lines = [line for line in resumed.stdout.splitlines() if line.startswith('eval at step')]
+    assert len(lines) == 1 and lines[0].startswith('eval at step 9: A2B KID×100 ')
+
+
+def test_eval_reuses_the_test_outputs_and_writes_metrics_json(cli, evaluated):
+    """The eval phase reuses the test phase's translations (newer than the checkpoint) and
+    writes metrics.json: per direction the figures, 3 images a side, the weights used."""
+    assert evaluated.returncode == 0, evaluated.stderr
+    for direction in ('A2B', 'B2A'):
+        assert f'{direction}: reusing the {N_IMAGES} translations' in evaluated.stdout
+        assert f'{direction}: 1/{N_IMAGES}' not in evaluated.stdout
+    root = cli.path('eval_results', MODEL_DIR)
+    with open(os.path.join(root, 'metrics.json'), encoding='utf-8') as f:
+        record = json.load(f)
+    assert record['checkpoint'].endswith('UGATIT_light.model-10')
+    assert record['kid_max_block_size'] == 10
+    for direction, real in (('A2B', 'testB'), ('B2A', 'testA')):
+        figures = record[direction]
+        assert figures['n_translated'] == figures['n_real'] == N_IMAGES
+        assert np.isfinite(figures['kid_x100_mean']) and figures['kid_x100_std'] is None
+        assert np.isfinite(figures['fid']) and figures['fid'] >= 0
+        assert figures['real'] == cli.path('dataset', DATASET, real)
+        assert figures['translated'] == os.path.join(root, direction)
+        assert figures['weights'].startswith('random')
+    lines = evaluated.stdout.splitlines()
+    header = [i for i, line in enumerate(lines) if line.startswith('direction ')]
+    assert len(header) == 1
+    assert lines[header[0]].split() == ['direction', 'KID×100', 'FID', 'translated', 'real']
+    assert [line.split()[0] for line in lines[header[0] + 1:header[0] + 3]] == ['A2B', 'B2A']
+
+
+def test_eval_adds_the_figures_to_the_result_page(cli, evaluated):
+    """The eval phase's index.html: the KID and FID table first, then the image rows."""
+    parser = IndexParser()
+    with open(os.path.join(cli.path('eval_results', MODEL_DIR), 'index.html'), encoding='utf-8') as f:
+        parser.feed(f.read())
+    assert list(parser.sections) == ['KID and FID', 'A2B', 'B2A']
+    assert len(parser.sections['KID and FID']) == 3  # header + one row per direction
+    assert all(len([row for row in parser.sections[d] if row]) == N_IMAGES for d in ('A2B', 'B2A'))

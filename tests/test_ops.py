@@ -869,3 +869,167 @@ def test_l2_regularization():
     kernels = [f32(rng.normal(size=s)) for s in [(3, 3, 2, 4), (5, 1), (4,)]]
     got = float(ops.l2_regularization([tf.Variable(k) for k in kernels]))
     assert got == pytest.approx(1e-4 * sum(np.sum(np.float64(k) ** 2) / 2 for k in kernels), rel=1e-6)
+
+
+# --- Metrics: KID and FID against NumPy/SciPy oracles -------------------------------------
+
+def np_cubic_kernel(x, y):
+    """Bińkowski et al.'s kernel, elementwise: k(x, y) = (x·y / d + 1)³."""
+    return (x @ y.T / x.shape[1] + 1) ** 3
+
+
+def np_mmd2(x, y, unbiased=True):
+    """MMD² with the cubic kernel; unbiased: the within-set means skip i = j (boolean masks)."""
+    k_xx, k_yy = np_cubic_kernel(x, x), np_cubic_kernel(y, y)
+    if unbiased:
+        within = k_xx[~np.eye(len(x), dtype=bool)].mean() + k_yy[~np.eye(len(y), dtype=bool)].mean()
+    else:
+        within = k_xx.mean() + k_yy.mean()
+    return within - 2 * np_cubic_kernel(x, y).mean()
+
+
+def np_fid_sqrtm(x, y):
+    """FID with SciPy's general matrix square root of Σ_x Σ_y (full-rank covariances)."""
+    from scipy import linalg
+    sx, sy = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    root = linalg.sqrtm(sx @ sy).real
+    return np.sum((x.mean(0) - y.mean(0)) ** 2) + np.trace(sx + sy - 2 * root)
+
+
+def np_fid_symmetric(x, y):
+    """FID through Tr (Σ_x^½ Σ_y Σ_x^½)^½ with symmetric eigendecompositions (any rank)."""
+    sx, sy = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    w, v = np.linalg.eigh(sx)
+    root_x = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    inner = np.linalg.eigvalsh(root_x @ sy @ root_x)
+    inner[inner < 1e-10 * inner.max()] = 0  # round-off of the zero eigenvalues (rank < d)
+    return (np.sum((x.mean(0) - y.mean(0)) ** 2) + np.trace(sx) + np.trace(sy)
+            - 2 * np.sum(np.sqrt(np.clip(inner, 0, None))))
+
+
+def exact_moments_sample(rng, n, mean, cov):
+    """n points whose sample mean and sample covariance (1/(n−1)) are exactly `mean`, `cov`."""
+    z = rng.standard_normal((n, len(mean)))
+    z -= z.mean(0)
+    z = z @ np.linalg.inv(np.linalg.cholesky(np.cov(z, rowvar=False))).T  # sample cov = I
+    return mean + z @ np.linalg.cholesky(cov).T
+
+
+@pytest.mark.parametrize('n, n_blocks, sizes', [
+    (23, 3, [7, 8, 8]), (27, 3, [9, 9, 9]), (100, 10, [10] * 10), (5, 2, [2, 3]), (4, 1, [4])])
+def test_block_sizes_put_the_larger_blocks_last(n, n_blocks, sizes):
+    """TF-GAN's split: n // n_blocks each, the last n % n_blocks blocks one more."""
+    assert ops.block_sizes(n, n_blocks) == sizes
+
+
+def test_kid_blocks_mean_and_standard_error():
+    """23 real and 27 fake rows, blocks of at most 10: 3 blocks, real [0:7] [7:15] [15:23]
+    paired with fake [0:9] [9:18] [18:27]; mean of the 3 estimates and their standard error."""
+    rng = np.random.default_rng(40)
+    real, fake = rng.normal(size=(23, 5)), rng.normal(0.3, 1.2, size=(27, 5))
+    estimates = [np_mmd2(real[0:7], fake[0:9]), np_mmd2(real[7:15], fake[9:18]),
+                 np_mmd2(real[15:23], fake[18:27])]
+    mean, std = ops.kernel_inception_distance(real, fake, max_block_size=10)
+    assert mean == pytest.approx(np.mean(estimates), rel=1e-10)
+    assert std == pytest.approx(np.std(estimates, ddof=1) / np.sqrt(3), rel=1e-10)
+    assert ops.KID_MAX_BLOCK_SIZE == 10  # the README documents this block size
+
+
+def test_kid_single_block_has_no_std():
+    """Sets within one block: the mean is the one unbiased estimate, the std NaN (as TF-GAN)."""
+    rng = np.random.default_rng(41)
+    real, fake = rng.normal(size=(6, 4)), rng.normal(size=(9, 4))
+    mean, std = ops.kernel_inception_distance(real, fake, max_block_size=10)
+    assert mean == pytest.approx(np_mmd2(real, fake), rel=1e-10)
+    assert np.isnan(std)
+
+
+def test_kid_caps_the_blocks_at_two_rows_of_the_smaller_set():
+    """100 real and 5 fake rows: 2 blocks (not 10), real 50 + 50 paired with fake 2 + 3."""
+    rng = np.random.default_rng(42)
+    real, fake = rng.normal(size=(100, 3)), rng.normal(size=(5, 3))
+    estimates = [np_mmd2(real[:50], fake[:2]), np_mmd2(real[50:], fake[2:])]
+    mean, std = ops.kernel_inception_distance(real, fake, max_block_size=10)
+    assert mean == pytest.approx(np.mean(estimates), rel=1e-10)
+    assert std == pytest.approx(np.std(estimates, ddof=1) / np.sqrt(2), rel=1e-10)
+
+
+def test_kid_is_unbiased_against_the_analytic_mmd():
+    """1-D N(0, σ²) against N(μ, σ²), σ = μ = 0.5: k(x, y) = 1 + 3xy + 3x²y² + x³y³, so
+    MMD² = 3(ΔE x)² + 3(ΔE x²)² + (ΔE x³)² = 3μ² + 3μ⁴ + (μ³ + 3μσ²)² = 1.1875.
+    Over 400 blocks of 10 the mean is within 4 standard errors of it, where the biased
+    (diagonal-including) estimator is not; two samples of one distribution give ≈ 0."""
+    rng = np.random.default_rng(43)
+    sigma = mu = 0.5
+    x, y = rng.normal(0, sigma, (4000, 1)), rng.normal(mu, sigma, (4000, 1))
+    x2 = rng.normal(0, sigma, (4000, 1))
+    analytic = 3 * mu ** 2 + 3 * mu ** 4 + (mu ** 3 + 3 * mu * sigma ** 2) ** 2
+    assert analytic == pytest.approx(1.1875)
+    mean, std = ops.kernel_inception_distance(x, y, max_block_size=10)
+    assert 0 < std < 0.1 * analytic
+    assert abs(mean - analytic) < 4 * std
+    biased = np.mean([np_mmd2(x[i:i + 10], y[i:i + 10], unbiased=False) for i in range(0, 4000, 10)])
+    assert abs(biased - analytic) > 4 * std  # the check can tell the two estimators apart
+    same_mean, same_std = ops.kernel_inception_distance(x, x2, max_block_size=10)
+    assert abs(same_mean) < 4 * same_std and same_std < 0.1 * analytic
+
+
+def test_kid_of_a_set_against_itself_is_the_closed_form():
+    """X against itself: 2/(m − 1) · (mean k − mean of the diagonal), for one block of m = 10.
+    Not 0: the unbiased estimator drops the diagonal from the within-set means only; it is
+    two samples of one distribution that give ≈ 0 on average (test above)."""
+    rng = np.random.default_rng(44)
+    x = rng.normal(size=(10, 8))
+    k = np_cubic_kernel(x, x)
+    mean, _ = ops.kernel_inception_distance(x, x, max_block_size=10)
+    assert mean == pytest.approx(2 / 9 * (k.mean() - np.diag(k).mean()), rel=1e-10)
+
+
+def test_fid_of_identical_sets_is_zero():
+    """FID(X, X) = 0 with fewer rows than dimensions (rank-deficient covariance) and more."""
+    rng = np.random.default_rng(45)
+    for shape in ((12, 40), (60, 5)):
+        x = rng.normal(2.0, 3.0, size=shape)
+        assert abs(ops.frechet_distance(x, x)) < 1e-9 * np.trace(np.cov(x, rowvar=False))
+
+
+def test_fid_of_two_gaussians_is_the_analytic_value():
+    """Samples with exact moments μ_i, Σ_i = R diag(λ_i) Rᵀ (one rotation R, so Σ_1, Σ_2
+    commute): FID = ‖μ_1 − μ_2‖² + Σ_k (√λ_1k − √λ_2k)²."""
+    rng = np.random.default_rng(46)
+    d = 6
+    rotation, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    lam1, lam2 = np.array([1, 2, 3, 4, 5, 6.0]), np.array([6, 1, 0.5, 4, 2, 9.0])
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    x = exact_moments_sample(rng, 50, mu1, rotation @ np.diag(lam1) @ rotation.T)
+    y = exact_moments_sample(rng, 70, mu2, rotation @ np.diag(lam2) @ rotation.T)
+    analytic = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(lam1) - np.sqrt(lam2)) ** 2)
+    assert ops.frechet_distance(x, y) == pytest.approx(analytic, rel=1e-9)
+
+
+def test_fid_matches_scipy_sqrtm_with_full_rank_covariances():
+    """Non-commuting covariances, more rows than dimensions: SciPy's sqrtm formula."""
+    rng = np.random.default_rng(47)
+    x = rng.normal(size=(40, 6)) @ rng.normal(size=(6, 6))
+    y = rng.normal(size=(55, 6)) @ rng.normal(size=(6, 6)) + 0.7
+    assert ops.frechet_distance(x, y) == pytest.approx(np_fid_sqrtm(x, y), rel=1e-8)
+
+
+def test_fid_matches_the_symmetric_formula_with_fewer_rows_than_dimensions():
+    """12 and 15 rows in 40 dimensions (the evaluation's regime: hundreds of images,
+    2048 features): the symmetric-square-root formula, with float32 input."""
+    rng = np.random.default_rng(48)
+    x = rng.normal(size=(12, 40)).astype(np.float32)
+    y = (rng.normal(size=(15, 40)) * 1.5 + 0.2).astype(np.float32)
+    expected = np_fid_symmetric(np.float64(x), np.float64(y))
+    assert ops.frechet_distance(x, y) == pytest.approx(expected, rel=1e-8)
+
+
+@pytest.mark.parametrize('real, fake', [
+    (np.zeros((5, 3)), np.zeros((5, 4))), (np.zeros((1, 3)), np.zeros((5, 3))),
+    (np.zeros(5), np.zeros(5))])
+def test_metrics_reject_bad_feature_sets(real, fake):
+    """Different widths, fewer than 2 rows, or not [N, d]: ValueError from both metrics."""
+    for metric in (ops.kernel_inception_distance, ops.frechet_distance):
+        with pytest.raises(ValueError):
+            metric(real, fake)

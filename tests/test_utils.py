@@ -485,3 +485,221 @@ def test_demo_domains_differ_in_shape(demo_root):
     squares = [object_fill_ratio(f) for f in utils.list_images(os.path.join(demo_root, 'testB'))[:10]]
     np.testing.assert_allclose(discs, np.pi / 4, atol=0.06)
     assert min(squares) > 0.88
+
+
+# --- evaluation: InceptionV3 features, weights, caches, result page ---------------------
+
+def np_resize_half_pixel(img, size):
+    """tf.image.resize bilinear (half-pixel centres, no antialias) in float64: [H, W, C] → [S, S, C]."""
+    img = np.float64(img)
+
+    def taps(n_in):
+        src = (np.arange(size) + 0.5) * (n_in / size) - 0.5
+        lo = np.floor(src).astype(int)
+        return np.clip(lo, 0, n_in - 1), np.clip(lo + 1, 0, n_in - 1), src - np.floor(src)
+
+    y0, y1, fy = taps(img.shape[0])
+    x0, x1, fx = taps(img.shape[1])
+    fx = fx[None, :, None]
+    top = img[y0][:, x0] * (1 - fx) + img[y0][:, x1] * fx
+    bottom = img[y1][:, x0] * (1 - fx) + img[y1][:, x1] * fx
+    return top * (1 - fy[:, None, None]) + bottom * fy[:, None, None]
+
+
+@pytest.fixture(scope='module')
+def inception():
+    """An extractor with random weights (InceptionV3(weights=None): no download)."""
+    return utils.InceptionFeatures(None)
+
+
+def counting(extractor, monkeypatch):
+    """Counts the images that go through `extractor`'s network (a list: [count])."""
+    seen, forward = [0], extractor._forward
+
+    def spy(batch):
+        seen[0] += int(batch.shape[0])
+        return forward(batch)
+
+    monkeypatch.setattr(extractor, '_forward', spy)
+    return seen
+
+
+def test_inception_preprocess_resizes_to_299_bilinear_in_unit_range():
+    """Each image (any size; grey → RGB) is resized to 299 with half-pixel bilinear weights and
+    mapped by x / 127.5 − 1; a flat image stays flat."""
+    rgb = np.random.default_rng(50).integers(0, 256, (32, 24, 3), dtype=np.uint8)
+    grey = np.random.default_rng(51).integers(0, 256, (20, 30, 1), dtype=np.uint8)
+    flat = np.full((256, 256, 3), 200, np.uint8)
+    out = utils.InceptionFeatures.preprocess([rgb, grey, flat]).numpy()
+    assert out.shape == (3, 299, 299, 3) and out.dtype == np.float32
+    assert out.min() >= -1 and out.max() <= 1
+    np.testing.assert_allclose(out[0], np_resize_half_pixel(rgb, 299) / 127.5 - 1, atol=1e-5)
+    np.testing.assert_allclose(out[1], np.repeat(np_resize_half_pixel(grey, 299), 3, -1) / 127.5 - 1,
+                               atol=1e-5)
+    np.testing.assert_allclose(out[2], 200 / 127.5 - 1, atol=1e-6)
+
+
+def test_inception_features_shapes_batches_and_files(inception, tmp_path, monkeypatch):
+    """[N, 2048] non-negative float32 (ReLU, then average pooling), in batches of
+    INCEPTION_BATCH that do not change a row; the features of image files equal those of
+    the same pixels in memory."""
+    monkeypatch.setattr(utils, 'INCEPTION_BATCH', 2)
+    seen = counting(inception, monkeypatch)
+    images = [pattern(60 + i, 32, 32) for i in range(2)]
+    features = inception([images[0], images[1], images[0]])
+    assert features.shape == (3, utils.INCEPTION_FEATURES) and features.dtype == np.float32
+    assert np.all(np.isfinite(features)) and features.min() >= 0 and features.max() > 0
+    np.testing.assert_allclose(features[2], features[0], rtol=1e-5, atol=1e-7)
+    assert seen == [3]
+    files = [write_rgb(tmp_path / f'{i}.png', image) for i, image in enumerate(images)]
+    np.testing.assert_allclose(inception.of_files(files), features[:2], rtol=1e-5, atol=1e-7)
+
+
+def test_feature_cache_recomputes_only_new_changed_or_other_weights(inception, tmp_path, monkeypatch):
+    """A second pass over a folder computes nothing; a rewritten file is recomputed alone;
+    the cache is a dot-file that list_images skips; other weights recompute everything."""
+    files = [write_rgb(tmp_path / f'{i}.png', pattern(70 + i, 16, 16)) for i in range(3)]
+    seen = counting(inception, monkeypatch)
+    first = inception.of_files(files)
+    assert seen == [3]
+    np.testing.assert_array_equal(inception.of_files(files), first)
+    assert seen == [3]
+    assert utils.list_images(str(tmp_path)) == files
+    assert os.path.isfile(tmp_path / utils.FEATURE_CACHE)
+    write_rgb(files[1], pattern(99, 16, 16))
+    later = os.stat(files[1]).st_mtime_ns + 10 ** 9
+    os.utime(files[1], ns=(later, later))
+    second = inception.of_files(files)
+    assert seen == [4]
+    np.testing.assert_array_equal(second[[0, 2]], first[[0, 2]])
+    assert not np.array_equal(second[1], first[1])
+    monkeypatch.setattr(inception, 'tag', 'other weights')
+    inception.of_files(files)
+    assert seen == [7]
+
+
+def test_weights_from_the_keras_cache_need_no_download(tmp_path, monkeypatch):
+    """The ImageNet file already in $KERAS_HOME/models is used without calling Keras' download."""
+    import keras
+    monkeypatch.delenv(utils.RANDOM_INCEPTION_ENV, raising=False)
+    monkeypatch.setenv('KERAS_HOME', str(tmp_path))
+    cached = tmp_path / 'models' / 'inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5'
+    cached.parent.mkdir()
+    cached.write_bytes(b'weights')
+
+    def no_download(*args, **kwargs):
+        raise AssertionError('no download expected')
+
+    monkeypatch.setattr(keras.utils, 'get_file', no_download)
+    weights, description = utils.resolve_inception_weights('')
+    assert weights == str(cached) and 'imagenet' in description
+
+
+def test_missing_weights_one_line_gives_both_ways(tmp_path, monkeypatch):
+    """Not cached and the download fails: one line naming the cache file, the internet and
+    --inception_weights (Keras' download is replaced here: nothing touches the network)."""
+    import keras
+    monkeypatch.delenv(utils.RANDOM_INCEPTION_ENV, raising=False)
+    monkeypatch.setenv('KERAS_HOME', str(tmp_path))
+    calls = []
+
+    def offline(fname, origin, **kwargs):
+        calls.append((fname, origin, kwargs.get('cache_dir')))
+        raise Exception(f'URL fetch failure on {origin}: None -- [Errno -3] Temporary failure '
+                        'in name resolution')
+
+    monkeypatch.setattr(keras.utils, 'get_file', offline)
+    with pytest.raises(utils.UserError) as info:
+        utils.load_inception('')
+    message = str(info.value)
+    assert '\n' not in message
+    assert '--inception_weights' in message and 'internet' in message
+    assert str(tmp_path / 'models' / utils.INCEPTION_WEIGHTS_FILE) in message
+    assert 'Temporary failure in name resolution' in message
+    assert calls == [(utils.INCEPTION_WEIGHTS_FILE, utils.INCEPTION_WEIGHTS_URL, str(tmp_path))]
+
+
+def test_inception_weights_flag_missing_or_unloadable_file_is_user_error(tmp_path, monkeypatch):
+    """--inception_weights: a missing path and a file that is no weights file, one line each."""
+    monkeypatch.delenv(utils.RANDOM_INCEPTION_ENV, raising=False)
+    with pytest.raises(utils.UserError, match='--inception_weights .*absent.h5 is not a file'):
+        utils.load_inception(str(tmp_path / 'absent.h5'))
+    junk = tmp_path / 'junk.h5'
+    junk.write_bytes(b'not HDF5')
+    with pytest.raises(utils.UserError, match='cannot load InceptionV3 weights') as info:
+        utils.load_inception(str(junk))
+    assert '\n' not in str(info.value)
+
+
+# Keras' save_weights converts each variable with np.array(x, copy=False), which NumPy 2
+# warns about once per variable (Keras' code, not ours).
+@pytest.mark.filterwarnings('ignore:__array__ implementation:DeprecationWarning')
+def test_inception_weights_flag_loads_a_saved_weights_file(inception, tmp_path, monkeypatch):
+    """A file InceptionV3(weights=PATH) loads (here one saved from a random network) sets
+    every weight of the extractor's network; metrics.json's description names it."""
+    monkeypatch.delenv(utils.RANDOM_INCEPTION_ENV, raising=False)
+    path = str(tmp_path / 'inception.weights.h5')
+    inception.model.save_weights(path)
+    loaded = utils.load_inception(path)
+    for ours, saved in zip(loaded.model.weights, inception.model.weights, strict=True):
+        np.testing.assert_array_equal(ours.numpy(), saved.numpy(), err_msg=ours.path)
+    assert loaded.description == os.path.abspath(path) and loaded.tag != inception.tag
+
+
+def translation_outputs(out_dir, names, side):
+    """Writes the three test-phase pictures of each name at side × side."""
+    for name in names:
+        for path in utils.translation_paths(out_dir, name).values():
+            if path != name:
+                utils.write_image(path, np.zeros((side, side, 3), np.uint8))
+
+
+def test_current_translations_need_every_file_new_and_the_right_size(tmp_path):
+    """Rows when all outputs exist, are not older than `since` and are img_size square;
+    None when one is missing, older, or of another size."""
+    out_dir = str(tmp_path / 'A2B')
+    files = ['/data/testA/a.png', '/data/testA/b.png']
+    translation_outputs(out_dir, ['a.png', 'b.png'], 8)
+    since = os.path.getmtime(os.path.join(out_dir, 'a.png')) - 1
+    rows = utils.current_translations(out_dir, files, since, 8)
+    assert [r['output'] for r in rows] == [os.path.join(out_dir, n) for n in ('a.png', 'b.png')]
+    assert rows[0]['attention'] == os.path.join(out_dir, 'attention', 'a.png')
+    assert utils.current_translations(out_dir, files, since, 16) is None
+    assert utils.current_translations(out_dir, files + ['/data/testA/c.png'], since, 8) is None
+    os.utime(os.path.join(out_dir, 'input', 'b.png'), (since - 10, since - 10))
+    assert utils.current_translations(out_dir, files, since, 8) is None
+
+
+def test_metrics_table_and_result_page():
+    """The table's rows, the missing std of a single block, and the page's figures table."""
+    metrics = {'A2B': {'kid_x100_mean': 11.614, 'kid_x100_std': 0.566, 'fid': 95.2,
+                       'n_translated': 100, 'n_real': 100},
+               'B2A': {'kid_x100_mean': -0.25, 'kid_x100_std': None, 'fid': 3.0,
+                       'n_translated': 3, 'n_real': 4}}
+    lines = utils.metrics_table(metrics).splitlines()
+    assert lines[0].split() == ['direction', 'KID×100', 'FID', 'translated', 'real']
+    assert lines[1].split() == ['A2B', '11.61', '±', '0.57', '95.20', '100', '100']
+    assert lines[2].split() == ['B2A', '-0.25', '(one', 'block:', 'no', 'std)', '3.00', '3', '4']
+
+
+def test_result_page_shows_the_figures_first(tmp_path):
+    """write_index_html with metrics: a KID and FID table with the note, before the images."""
+    metrics = {'A2B': {'kid_x100_mean': 1.5, 'kid_x100_std': 0.25, 'fid': 7.0,
+                       'n_translated': 2, 'n_real': 2}}
+    rows = [utils.translation_paths(str(tmp_path / 'A2B'), 'a.png')]
+    page = utils.write_index_html(str(tmp_path), [('A2B', rows)], 8, metrics, 'note & more')
+    text = open(page, encoding='utf-8').read()
+    assert text.index('<h2>KID and FID</h2>') < text.index('<h2>A2B</h2>')
+    assert '<td>1.50 ± 0.25</td><td>7.00</td><td>2</td><td>2</td>' in text
+    assert '<p>note &amp; more</p>' in text
+
+
+def test_count_bar_in_a_log_file_is_plain_lines():
+    """Not a terminal: one plain line per report, no control codes."""
+    import io
+    stream = io.StringIO()
+    utils.count_bar('features', 1, 4, stream)
+    utils.count_bar('features', 4, 4, stream)
+    lines = stream.getvalue().splitlines()
+    assert lines == ['features [#######.......................] 1/4',
+                     'features [##############################] 4/4']
