@@ -597,6 +597,41 @@ def test_rho_stays_in_unit_interval_after_a_pushed_g_step(unit_model):
     assert np.any((after == 0.0) | (after == 1.0))  # the clip was needed
 
 
+BENCHMARK_KEYS = ('train_iteration_s', 'd_update_s', 'g_update_s', 'translate_s', 'images_per_s',
+                  'train_iteration_gflop', 'translate_gflop', 'achieved_gflops',
+                  'machine_peak_gflops', 'peak_share', 'peak_rss_bytes', 'pipeline_images_per_s')
+
+
+def test_benchmark_reports_every_field(unit_model, tmp_path, capsys):
+    """--phase benchmark at a tiny size: every field the issue names, in the JSON and the
+    table, with consistent values (not their size: no wall-clock assertion)."""
+    import dataclasses
+    original = unit_model.config
+    path = tmp_path / 'bench' / 'figures.json'
+    unit_model.config = dataclasses.replace(original, phase='benchmark', benchmark_steps=2,
+                                            benchmark_json=str(path), batch_size=2,
+                                            dataset_dir=str(tmp_path / 'no_datasets'))
+    try:
+        with restored(unit_model):
+            returned = unit_model.benchmark()
+    finally:
+        unit_model.config = original
+    figures = json.loads(path.read_text())
+    assert figures == json.loads(json.dumps(returned))
+    for key in BENCHMARK_KEYS:
+        assert isinstance(figures[key], (int, float)) and figures[key] > 0, key
+    assert figures['config']['img_size'] == UNIT_SIZE and figures['config']['batch_size'] == 2
+    assert figures['peak_share'] == pytest.approx(figures['achieved_gflops']
+                                                  / figures['machine_peak_gflops'])
+    assert figures['images_per_s'] == pytest.approx(2 / figures['train_iteration_s'])
+    assert figures['train_iteration_gflop'] > 3 * figures['translate_gflop']  # 2 G + D, with grads
+    # the steps were not traced again (the benchmark times the training graphs)
+    assert unit_model.d_step.experimental_get_tracing_count() == 1
+    table = capsys.readouterr().out
+    for label in ('training iteration', 'translation', 'share of peak', 'input pipeline'):
+        assert label in table
+
+
 def test_test_phase_checks_both_folders_before_writing(unit_model, tmp_path):
     """A test phase whose testB is missing raises UserError before writing any result."""
     import dataclasses

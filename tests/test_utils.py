@@ -703,3 +703,30 @@ def test_count_bar_in_a_log_file_is_plain_lines():
     lines = stream.getvalue().splitlines()
     assert lines == ['features [#######.......................] 1/4',
                      'features [##############################] 4/4']
+
+
+# --- benchmark helpers --------------------------------------------------------------
+
+def test_graph_flops_counts_convolutions_matmuls_and_their_gradients():
+    """A 3x3 conv (8 -> 4 channels, VALID on 10x10: 8x8 out) and a [5, 6] @ [6, 7] product,
+    with the gradients of both inputs: by the formula 2·k²·Cin·Cout·Ho·Wo·B per conv
+    (forward, input gradient, filter gradient) and 2·m·k·n per product (forward, two grads)."""
+    batch = 3
+    conv_flop = 2 * 3 * 3 * 8 * 4 * 8 * 8 * batch
+    matmul_flop = 2 * 5 * 6 * 7
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 10, 10, 8]), tf.TensorSpec([3, 3, 8, 4]),
+                                  tf.TensorSpec([5, 6]), tf.TensorSpec([6, 7])])
+    def step(x, w, a, b):
+        with tf.GradientTape() as tape:
+            tape.watch([x, w, a, b])
+            loss = tf.reduce_sum(tf.nn.conv2d(x, w, 1, 'VALID')) + tf.reduce_sum(a @ b)
+        return tape.gradient(loss, [x, w, a, b])
+
+    graph = step.get_concrete_function().graph
+    assert utils.graph_flops(graph, batch) == 3 * conv_flop + 3 * matmul_flop
+
+
+def test_timing_summary_and_peak_rss():
+    assert utils.timing_summary([3.0, 1.0, 2.0, 10.0]) == {'median': 2.5, 'min': 1.0, 'max': 10.0}
+    assert utils.peak_rss_bytes() > 10 * 2 ** 20   # this process holds TensorFlow
