@@ -431,7 +431,8 @@ DEMO_MARGIN = 2                              # pixels kept between the object an
 DEMO_NOISE_CELLS = 4                         # smooth noise: a 4×4 grid upsampled
 DEMO_NOISE_AMPLITUDE = 25
 DEMO_STRIPE_PERIOD = (48.0, 128.0)           # pixels at 64 px, scaled with the size: soft waves
-DEMO_MIN_COLOUR_DISTANCE = 120               # object vs both stripe colours (RGB, Euclidean)
+DEMO_BACKGROUND_LEVELS = (0, 110)            # background colours: dark (per RGB channel)
+DEMO_OBJECT_LEVELS = (170, 255)              # object colours: light, so the shape always stands out
 DEMO_SUBPIXEL_BITS = 4                       # cv2 drawing precision (shift)
 DEMO_README = """\
 U-GAT-IT demo dataset: discs (domain A) to squares (domain B).
@@ -439,9 +440,9 @@ U-GAT-IT demo dataset: discs (domain A) to squares (domain B).
 A small synthetic unpaired problem, made by utils.make_demo_dataset with NumPy and
 OpenCV, so the code can be tried without downloading data. Translating A to B needs
 a change of shape, not only of colour: every image shows one flat-coloured object
-(a disc in A, an axis-aligned or slightly tilted square in B) of random colour,
-size ({lo:.0%}-{hi:.0%} of the side) and position on a random background of smooth noise
-and stripes. Both domains draw colours, sizes and backgrounds the same way.
+(a disc in A, an axis-aligned or slightly tilted square in B) of random light colour,
+size ({lo:.0%}-{hi:.0%} of the side) and position on a random dark background of soft
+waves and smooth noise. Both domains draw colours, sizes and backgrounds the same way.
 
   trainA {train} discs      trainB {train} squares
   testA  {test} discs       testB  {test} squares
@@ -451,8 +452,8 @@ and stripes. Both domains draw colours, sizes and backgrounds the same way.
 
 
 def _demo_background(rng, size):
-    """Smooth noise plus sinusoidal stripes between two random colours: float [S, S, 3]."""
-    colours = rng.uniform(0, 255, (2, 3))
+    """Soft waves between two random dark colours plus smooth noise: float [S, S, 3]."""
+    colours = rng.uniform(*DEMO_BACKGROUND_LEVELS, (2, 3))
     angle = rng.uniform(0, np.pi)
     period = rng.uniform(*DEMO_STRIPE_PERIOD) * size / DEMO_IMAGE_SIZE
     yy, xx = np.mgrid[0:size, 0:size]
@@ -461,18 +462,14 @@ def _demo_background(rng, size):
     mix = ((np.sin(phase) + 1) / 2)[..., None]
     cells = rng.uniform(-1, 1, (DEMO_NOISE_CELLS, DEMO_NOISE_CELLS, 3)).astype(np.float32)
     noise = cv2.resize(cells, (size, size), interpolation=cv2.INTER_CUBIC)
-    return colours[0] * (1 - mix) + colours[1] * mix + DEMO_NOISE_AMPLITUDE * noise, colours
+    return colours[0] * (1 - mix) + colours[1] * mix + DEMO_NOISE_AMPLITUDE * noise
 
 
 def _demo_image(rng, size, shape):
     """One demo image (uint8 [S, S, 3] RGB) with a `shape` ('disc' or 'square') on it."""
-    background, stripe_colours = _demo_background(rng, size)
-    image = np.ascontiguousarray(np.clip(np.rint(background), 0, 255).astype(np.uint8))
-    while True:  # a colour that stands out from the stripes
-        colour = rng.uniform(0, 255, 3)
-        if np.linalg.norm(stripe_colours - colour, axis=1).min() >= DEMO_MIN_COLOUR_DISTANCE:
-            break
-    colour = tuple(int(v) for v in np.rint(colour))
+    image = np.ascontiguousarray(np.clip(np.rint(_demo_background(rng, size)), 0, 255)
+                                 .astype(np.uint8))
+    colour = tuple(int(v) for v in np.rint(rng.uniform(*DEMO_OBJECT_LEVELS, 3)))
     extent = rng.uniform(*DEMO_OBJECT_FRACTION) * size   # diameter or side
     tilt = 0.0
     if shape == 'square':

@@ -480,6 +480,18 @@ def object_fill_ratio(path):
     return blob.sum() / ((w + 1) * (h + 1))   # +1: pixel centres to pixel extent
 
 
+def test_demo_objects_are_light_on_dark_backgrounds(demo_root):
+    """Every object's colour is in DEMO_OBJECT_LEVELS and most background pixels are darker."""
+    for path in utils.list_images(os.path.join(demo_root, 'testA'))[:5] + \
+            utils.list_images(os.path.join(demo_root, 'testB'))[:5]:
+        image = cv2.imread(path).astype(int)
+        colours, counts = np.unique(image.reshape(-1, 3), axis=0, return_counts=True)
+        object_colour = colours[counts.argmax()]
+        assert object_colour.min() >= utils.DEMO_OBJECT_LEVELS[0], path
+        darker = (image.max(-1) < utils.DEMO_OBJECT_LEVELS[0]).mean()
+        assert darker > 1 - utils.DEMO_OBJECT_FRACTION[1] ** 2 - 0.05, path
+
+
 def test_demo_domains_differ_in_shape(demo_root):
     discs = [object_fill_ratio(f) for f in utils.list_images(os.path.join(demo_root, 'trainA'))[:10]]
     squares = [object_fill_ratio(f) for f in utils.list_images(os.path.join(demo_root, 'testB'))[:10]]
