@@ -8,9 +8,11 @@ PY := $(VENV)/bin/python
 TF_GPU := tensorflow[and-cuda]==2.21.0
 
 # The demo: light model, 32 px (n_dis 4 is the deepest critic 32 px allows), ch 16,
-# 2000 steps; about ten minutes on 2 CPU cores. Every other flag keeps the original's default.
+# 1500 steps of batch 4 at lr 2e-4 (at batch 1 and lr 1e-4 the translations are still noise
+# after ten minutes); about ten minutes on 2 CPU cores. Every other flag keeps the
+# original's default. The test phase then prints the demo score.
 DEMO_FLAGS := --dataset demo --light True --img_size 32 --n_dis 4 --ch 16 \
-	--epoch 10 --iteration 200 --print_freq 200 --save_freq 200 --seed 1
+	--batch_size 4 --lr 0.0002 --epoch 6 --iteration 250 --print_freq 250 --save_freq 250 --seed 1
 
 .PHONY: install install-gpu test demo
 

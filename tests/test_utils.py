@@ -5,6 +5,7 @@ cannot write, such as palette PNG and animated GIF). Expected pixels come from t
 arrays we wrote and from a NumPy version of the legacy bilinear kernel, not from utils.
 """
 import hashlib
+import json
 import logging
 import os
 
@@ -742,3 +743,15 @@ def test_graph_flops_counts_convolutions_matmuls_and_their_gradients():
 def test_timing_summary_and_peak_rss():
     assert utils.timing_summary([3.0, 1.0, 2.0, 10.0]) == {'median': 2.5, 'min': 1.0, 'max': 10.0}
     assert utils.peak_rss_bytes() > 10 * 2 ** 20   # this process holds TensorFlow
+
+
+def test_demo_score_on_real_and_swapped_images(demo_root, tmp_path):
+    """The demo score, given real target-domain images as 'translations', is near 100 %
+    (and the classifier is right on the real test images). Written as JSON too."""
+    test_a = utils.list_images(os.path.join(demo_root, 'testA'))
+    test_b = utils.list_images(os.path.join(demo_root, 'testB'))
+    path = str(tmp_path / 'score.json')
+    score = utils.demo_score(demo_root, test_b, test_a, 32, path=path)
+    assert score['classifier_accuracy_real_test'] >= 0.9
+    assert score['A2B_classified_B'] >= 0.9 and score['B2A_classified_A'] >= 0.9
+    assert json.load(open(path)) == score
