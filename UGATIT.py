@@ -713,9 +713,9 @@ class UGATIT:
         bad = [name for name, value in state.items() if tf.as_dtype(value.dtype).is_floating
                and not bool(tf.reduce_all(tf.math.is_finite(value)))]
         if bad:
-            raise UserError(f'not saving after step {counter - 1}: {len(bad)} variable(s) hold NaN or '
-                            f'infinite values (first: {bad[0]}); training diverged, and the newest '
-                            'checkpoint is kept: resume from it with a lower --lr')
+            raise UserError(f'not saving after step {counter - 1}: {len(bad)} variable(s) hold '
+                            f'NaN or infinite values (first: {bad[0]}); training diverged, and the '
+                            'newest checkpoint is kept: resume from it with a lower --lr')
         return utils.write_checkpoint(directory, f'{self.config.model_name}.model-{counter}',
                                       state, MAX_TO_KEEP, COUNTER_KEY)
 
@@ -848,9 +848,9 @@ class UGATIT:
         samples every print_freq and checkpoints every save_freq steps, resumable.
 
         The images and the checkpoint to resume are checked, and the output folders made,
-        before anything is written; then `on_start()` is called. A first SIGINT or SIGTERM stops after
-        the current step with a checkpoint (then `utils.Interrupted` is raised); a loss or
-        weight that is not finite stops with a UserError and saves nothing.
+        before anything is written; then `on_start()` is called. A first SIGINT or SIGTERM
+        stops after the current step with a checkpoint (then `utils.Interrupted` is raised);
+        a loss or weight that is not finite stops with a UserError and saves nothing.
         """
         c = self.config
         files = self.training_files()
