@@ -40,6 +40,7 @@ RGB_CHANNELS = 3
 ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON = 0.5, 0.999, 1e-8
 MAX_TO_KEEP = 5                       # tf.train.Saver's default
 MAX_SEED = 2 ** 32                    # keras.utils.set_random_seed takes a NumPy seed
+MAX_FLOAT32 = float(np.finfo(np.float32).max)  # a larger --lr would be infinite in the steps
 DEMO_DATASET = 'demo'                 # --dataset demo: made on first use (utils.make_demo_dataset)
 DIRECTIONS = ('A2B', 'B2A')           # --direction; also the test and export folder names
 INPUT_FOLDER = 'custom_{direction}'   # --input's default output: result_dir/model_dir/custom_A2B
@@ -137,8 +138,8 @@ class Config:
             raise UserError(f'--img_ch must be 1 or 3, got {self.img_ch}')
         if self.seed is not None and not 0 <= self.seed < MAX_SEED:
             raise UserError(f'--seed must be in [0, 2**32), got {self.seed}')
-        if self.lr <= 0:
-            raise UserError(f'--lr must be positive, got {self.lr}')
+        if not 0 < self.lr <= MAX_FLOAT32:  # NaN fails too
+            raise UserError(f'--lr must be a positive float32 number, got {self.lr}')
         if self.decay_epoch < 0:
             raise UserError(f'--decay_epoch must be at least 0, got {self.decay_epoch}')
         if self.eval_freq < 0:
@@ -360,14 +361,15 @@ OPTIMIZER_KEY = re.compile(r'(/Adam(_1)?$|^beta[12]_power(_\d+)?$)')
 def resolve_checkpoint(path):
     """The checkpoint prefix for `path`: a prefix, one of its files, or a folder (its latest)."""
     if os.path.isdir(path):
-        state = tf.train.get_checkpoint_state(path)
+        newest = utils.newest_listed(path)
         candidates = []
-        if state and state.model_checkpoint_path:
+        if newest:
             # The state file may hold absolute paths from another machine.
-            candidates += [state.model_checkpoint_path,
-                           os.path.join(path, os.path.basename(state.model_checkpoint_path))]
+            candidates += [os.path.join(path, newest), os.path.join(path, os.path.basename(newest))]
+        # Without a (readable) state file: the newest complete checkpoint, then any index.
         indexed = sorted(glob.glob(os.path.join(glob.escape(path), '*.index')),
                          key=lambda p: checkpoint_step(p[:-len('.index')]))
+        candidates += list(reversed(utils.complete_checkpoints(path)))
         candidates += [p[:-len('.index')] for p in reversed(indexed)]
         for prefix in candidates:
             if os.path.exists(prefix + '.index'):
@@ -378,6 +380,13 @@ def resolve_checkpoint(path):
     if not os.path.exists(prefix + '.index'):
         raise UserError(f'no checkpoint at {path}: expected {prefix}.index')
     return prefix
+
+
+def corrupt_checkpoint(prefix, err):
+    """The UserError for a checkpoint that cannot be read."""
+    return UserError(f'cannot read checkpoint {prefix}: it is corrupt or half-written '
+                     f'({utils.error_text(err)}): move its files ({os.path.basename(prefix)}.*) '
+                     'away to fall back to the one before it')
 
 
 def checkpoint_step(prefix):
@@ -732,11 +741,27 @@ class UGATIT:
 
         The files are written under a temporary name and renamed, and the
         `checkpoint` state file is replaced last, so the newest complete
-        checkpoint is always loadable. Keeps the newest MAX_TO_KEEP of ours
-        (a checkpoint we did not write, such as a released one, is never deleted).
+        checkpoint is always loadable (`utils.write_checkpoint`). Keeps the newest
+        MAX_TO_KEEP of ours (a checkpoint we did not write, such as a released one,
+        is never deleted). Raises UserError, writing nothing, if a weight or Adam
+        slot is NaN or infinite: the last good checkpoint stays the newest.
         """
+        state = self.checkpoint_state(counter)
+        bad = [name for name, value in state.items() if tf.as_dtype(value.dtype).is_floating
+               and not bool(tf.reduce_all(tf.math.is_finite(value)))]
+        if bad:
+            raise UserError(f'not saving after step {counter - 1}: {len(bad)} variable(s) hold '
+                            f'NaN or infinite values (first: {bad[0]}); training diverged, and the '
+                            'newest checkpoint is kept: resume from it with a lower --lr')
         return utils.write_checkpoint(directory, f'{self.config.model_name}.model-{counter}',
-                                      self.checkpoint_state(counter), MAX_TO_KEEP, COUNTER_KEY)
+                                      state, MAX_TO_KEEP, COUNTER_KEY)
+
+    def checkpoint_bytes(self):
+        """The size of one training checkpoint: every network variable and the two Adam
+        slots of each trainable one, as float32 (the beta powers and counters are a few bytes)."""
+        values = (sum(int(np.prod(v.shape)) for v in self.variables_by_name().values())
+                  + 2 * sum(int(np.prod(v.shape)) for v in self.g_vars + self.d_vars))
+        return values * np.dtype(np.float32).itemsize
 
     def load_checkpoint(self, path, networks=None, optimizers=False):
         """Fills the networks by name from a checkpoint in the original's format.
@@ -752,8 +777,7 @@ class UGATIT:
         try:
             reader = tf.train.load_checkpoint(prefix)
         except (tf.errors.OpError, ValueError) as err:
-            raise UserError(f'cannot read checkpoint {prefix} ({type(err).__name__}): it is '
-                            'corrupt or half-written; use another one') from err
+            raise corrupt_checkpoint(prefix, err) from err
         shapes = reader.get_variable_to_shape_map()
         wanted = self.variables_by_name(networks)
         problems = [name for name, var in wanted.items()
@@ -765,8 +789,7 @@ class UGATIT:
             values = {name: reader.get_tensor(name) for name in wanted}
             slots = self._read_optimizer_state(reader, shapes, prefix) if optimizers else None
         except (tf.errors.OpError, ValueError, IndexError) as err:
-            raise UserError(f'cannot read checkpoint {prefix} ({type(err).__name__}): it is '
-                            'corrupt or half-written; use another one') from err
+            raise corrupt_checkpoint(prefix, err) from err
         for name, var in wanted.items():
             var.assign(tf.cast(values[name], var.dtype))
         if slots is not None:
@@ -858,15 +881,21 @@ class UGATIT:
         """{'A': files, 'B': files} of trainA/trainB; UserError if a folder is missing or empty."""
         return {d: utils.list_images(self.dataset_folder(f'train{d}')) for d in 'AB'}
 
-    def train(self):
+    def train(self, on_start=None):
         """The original's `train()`: n_critic D updates per G update, per-epoch lr decay,
-        samples every print_freq and checkpoints every save_freq steps, resumable."""
+        samples every print_freq and checkpoints every save_freq steps, resumable.
+
+        The images and the checkpoint to resume are checked, and the output folders made,
+        before anything is written; then `on_start()` is called. A first SIGINT or SIGTERM
+        stops after the current step with a checkpoint (then `utils.Interrupted` is raised);
+        a loss or weight that is not finite stops with a UserError and saves nothing.
+        """
         c = self.config
-        files = self.training_files()  # before any folder is made
-        checkpoint_dir = utils.check_folder(os.path.join(c.checkpoint_dir, c.model_dir))
-        sample_dir = utils.check_folder(os.path.join(c.sample_dir, c.model_dir))
+        files = self.training_files()
+        checkpoint_dir = os.path.join(c.checkpoint_dir, c.model_dir)
         log_dir = os.path.join(c.log_dir, c.model_dir)
         self.build_optimizers()
+        utils.remove_partial_checkpoints(checkpoint_dir)
         counter = self._restore_for_training(checkpoint_dir)
         steps_done = counter - 1
         # A resumed run draws a new (seeded) data order: tf.data keeps no position.
@@ -874,6 +903,16 @@ class UGATIT:
         data = {d: iter(utils.build_dataset(files[d], c.img_size, c.img_ch, c.batch_size,
                                             c.augment_flag, None if seed is None else seed + i))
                 for i, d in enumerate('AB')}
+        size = self.checkpoint_bytes()
+        utils.check_free_space(
+            checkpoint_dir, (MAX_TO_KEEP + 1) * size - utils.checkpoints_size(checkpoint_dir),
+            f'the {MAX_TO_KEEP} checkpoints kept and the one being written '
+            f'({utils.format_bytes(size)} each)')
+        checkpoint_dir = utils.check_folder(checkpoint_dir, '--checkpoint_dir')
+        sample_dir = utils.check_folder(os.path.join(c.sample_dir, c.model_dir), '--sample_dir')
+        utils.check_folder(log_dir, '--log_dir')
+        if on_start:
+            on_start()
         writer = tf.summary.create_file_writer(log_dir)
         write_scalars, write_rho = self._summary_writers(writer)
         evaluate = self._training_evaluator(writer) if c.eval_freq else None
@@ -884,6 +923,7 @@ class UGATIT:
         real_a = real_b = fakes = None
         last_g_loss = -1.0  # printed until the first G step, as the original
         start_epoch, start_batch = divmod(steps_done, c.iteration)
+        stop = utils.StopRequests()
         try:
             for epoch in range(start_epoch, c.epoch):
                 lr = tf.constant(self.learning_rate(epoch), tf.float32)
@@ -918,16 +958,18 @@ class UGATIT:
                         saved_at = self._save(checkpoint_dir, counter, history, progress)
                     if evaluate is not None and (idx + 1) % c.eval_freq == 0:
                         progress.note(evaluate(step))
+                    stop.check()  # between steps: every counter and optimizer agrees
                 start_batch = 0
                 if saved_at != counter:
                     saved_at = self._save(checkpoint_dir, counter, history, progress)
-        except KeyboardInterrupt:
+        except utils.Interrupted:
             if saved_at != counter and counter > 1:
                 self._save(checkpoint_dir, counter, history, progress)
-            progress.close()
             raise
-        progress.close()
-        writer.close()
+        finally:  # a second signal (KeyboardInterrupt) stops at once, without saving
+            stop.restore()
+            progress.close()
+            writer.close()
         return counter
 
     def _save(self, checkpoint_dir, counter, history, progress):
@@ -942,8 +984,10 @@ class UGATIT:
         values = {k: float(v) for k, v in losses.items()}
         bad = [k for k, v in values.items() if not np.isfinite(v)]
         if bad:
-            raise UserError(f'training diverged at step {counter - 1}: {", ".join(bad)} is not '
-                            'finite; the last checkpoint is kept (try a lower --lr)')
+            raise UserError(f'training diverged at step {counter}: {", ".join(bad)} '
+                            f'{"is" if len(bad) == 1 else "are"} not finite; nothing of this '
+                            'step was saved and the newest checkpoint is kept: resume from it '
+                            'with a lower --lr')
         return values
 
     def _summary_writers(self, writer):
@@ -999,6 +1043,7 @@ class UGATIT:
         Writes `result_dir/model_dir/{A2B,B2A}/<name>` (the translations),
         `…/input/<name>` (what the generator saw), `…/attention/<name>` (the
         CAM heatmap over the input) and `index.html`. Returns the page's path.
+        An image that cannot be read is skipped with a warning naming it.
         """
         self.load_for_inference()
         sections = self._test_translations(self._test_inputs())
@@ -1032,8 +1077,10 @@ class UGATIT:
     def _test_inputs(self):
         """{direction: the files of its test split}; both folders are checked before anything
         is written."""
-        return {d: utils.list_images(self.dataset_folder(source))
-                for d, (source, _) in TEST_SPLITS.items()}
+        inputs = {d: utils.list_images(self.dataset_folder(source))
+                  for d, (source, _) in TEST_SPLITS.items()}
+        utils.check_folder(self.result_root, '--result_dir')
+        return inputs
 
     def _test_translations(self, inputs, reuse_since=None):
         """Translates `inputs` ({direction: files}) into result_dir/model_dir/<direction>/;
@@ -1053,23 +1100,54 @@ class UGATIT:
             sections.append((direction, rows))
         return sections
 
-    def _translate_batches(self, files, direction):
+    def _translate_batches(self, files, direction, read=None, skipped=None):
         """Per --batch_size batch of image files: (paths, inputs [B, S, S, img_ch] in [-1, 1],
-        translations, heatmaps [B, S/4, S/4])."""
-        c = self.config
-        for start in range(0, len(files), c.batch_size):
-            batch = files[start:start + c.batch_size]
-            images = np.stack([utils.load_test_image(f, c.img_size, c.img_ch) for f in batch])
-            yield (batch, images, *self.translate(images, direction))
+        translations, heatmaps [B, S/4, S/4]).
 
-    def translate_files(self, files, out_dir, direction):
-        """Translates image files in batches of --batch_size; returns the index rows."""
-        rows = []
-        for batch, images, fakes, heatmaps in self._translate_batches(files, direction):
+        `read(path)` gives the model input (default: `utils.load_test_image`). A file it
+        cannot read goes to the list `skipped` as (path, UserError); without that list, or
+        for a single file, the error is raised.
+        """
+        c = self.config
+        read = read or (lambda path: utils.load_test_image(path, c.img_size, c.img_ch))
+        for start in range(0, len(files), c.batch_size):
+            batch, images = [], []
+            for path in files[start:start + c.batch_size]:
+                try:
+                    images.append(read(path))
+                    batch.append(path)
+                except UserError as err:
+                    if skipped is None or len(files) == 1:
+                        raise
+                    skipped.append((path, err))
+            if batch:
+                images = np.stack(images)
+                yield (batch, images, *self.translate(images, direction))
+
+    def translate_files(self, files, out_dir, direction, read=None, names=None, source=None):
+        """Translates image files in batches of --batch_size; returns the index rows.
+
+        `read(path)` gives the model input (default: `utils.load_test_image`); a file it
+        cannot read is skipped with a warning naming it (a single file is an error), and
+        UserError (one line, no warning) is raised if none can be read. `names`: {path:
+        output name} (default: the file name); `source`: where the files are, for that
+        error (default: their folder).
+        """
+        rows, skipped = [], []
+        for batch, images, fakes, heatmaps in self._translate_batches(files, direction, read,
+                                                                      skipped):
             for path, image, fake, heatmap in zip(batch, images, fakes, heatmaps):
-                rows.append(utils.save_translation(out_dir, os.path.basename(path), image, fake,
-                                                   heatmap))
-            print(f'{direction}: {len(rows)}/{len(files)}', flush=True)
+                name = names[path] if names else os.path.basename(path)
+                rows.append(utils.save_translation(out_dir, name, image, fake, heatmap))
+            print(f'{direction}: {len(rows) + len(skipped)}/{len(files)}', flush=True)
+        if not rows:
+            shown = ', '.join(os.path.basename(path) for path, _ in skipped[:utils.NAMES_SHOWN])
+            raise UserError(f'none of the {len(files)} images in '
+                            f'{source or os.path.dirname(files[0])} can be read ({shown}'
+                            f'{", ..." if len(skipped) > utils.NAMES_SHOWN else ""}): replace '
+                            'them with JPEG, PNG, BMP, WebP or TIFF files')
+        for _, err in skipped:
+            logging.warning('%s; skipped', err)
         return rows
 
     # -- evaluation: KID and FID (--phase eval, --eval_freq) --
@@ -1140,8 +1218,9 @@ class UGATIT:
         def evaluate(step):
             figures = {}
             for direction, files in inputs.items():
-                fakes = [utils.to_uint8(fake) for *_, batch_fakes, _ in
-                         self._translate_batches(files, direction) for fake in batch_fakes]
+                fakes = [utils.to_uint8(fake) for *_, batch_fakes, _ in  # unreadable: skipped
+                         self._translate_batches(files, direction, skipped=[])
+                         for fake in batch_fakes]
                 figures[direction] = kid_and_fid(real_features[direction], extractor(fakes))
             with writer.as_default(step=step):
                 for direction, values in figures.items():
@@ -1180,26 +1259,10 @@ class UGATIT:
                                     'choose another --output')
         detector = utils.face_detector() if c.crop_face else None
         self.load_for_inference()
-        rows = []
-        for start in range(0, len(files), c.batch_size):
-            batch = []
-            for path in files[start:start + c.batch_size]:
-                try:
-                    batch.append((path, self.read_input(path, detector)))
-                except UserError as err:
-                    if len(files) == 1:
-                        raise
-                    logging.warning('%s; skipped', err)
-            if batch:
-                fakes, heatmaps = self.translate(np.stack([image for _, image in batch]),
-                                                 c.direction)
-                for (path, image), fake, heatmap in zip(batch, fakes, heatmaps):
-                    rows.append(utils.save_translation(out_dir, names[path], image, fake, heatmap))
-            print(f'{c.direction}: {min(start + c.batch_size, len(files))}/{len(files)}',
-                  flush=True)
-        if not rows:
-            raise UserError(f'none of the {len(files)} images in {c.input} can be read: replace '
-                            'them with JPEG, PNG, BMP, WebP or TIFF files')
+        utils.check_folder(out_dir, '--output' if c.output else '--result_dir')
+        rows = self.translate_files(files, out_dir, c.direction,
+                                    read=lambda path: self.read_input(path, detector),
+                                    names=names, source=c.input)
         return utils.write_index_html(out_dir, [(f'{c.direction}: {c.input}', rows)], c.img_size)
 
     def read_input(self, path, detector=None):

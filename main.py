@@ -11,14 +11,18 @@ Every flag of the original `main.py` keeps its name and default. Booleans
 accept true/false/1/0/yes/no in any case, as `--light False`, `--light=false`,
 `--light` or `--nolight`. Bad flags and bad input give one line on stderr
 (exit status 2 for flags, 1 for everything else); `--debug` shows tracebacks.
+Ctrl-C (or SIGTERM) while training saves a checkpoint after the current step and
+exits with status 130; a second Ctrl-C stops at once.
 """
 
 import dataclasses
 import os
 import sys
 
-# TensorFlow's C++ start-up lines would otherwise break "one line per error" on stderr.
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# TensorFlow's C++ log lines (start-up notes, and decoder errors such as "Premature end of
+# JPEG data" for a file we then skip by name) would break "one line per error" on stderr;
+# the errors that matter also reach Python as exceptions.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 from absl import flags, logging
 
@@ -31,6 +35,7 @@ if 'log_dir' in FLAGS:
 TRUE_WORDS = ('true', '1', 'yes')
 FALSE_WORDS = ('false', '0', 'no')
 EXIT_USAGE, EXIT_FAILURE = 2, 1
+EXIT_INTERRUPTED = 130  # the shell's 128 + SIGINT
 
 
 class StrictBoolParser(flags.BooleanParser):
@@ -159,7 +164,8 @@ def make_config():
 def save_flagfile(config):
     """The resolved flags in the run folder, replayable with --flagfile."""
     import utils
-    folder = utils.check_folder(os.path.join(config.checkpoint_dir, config.model_dir))
+    folder = utils.check_folder(os.path.join(config.checkpoint_dir, config.model_dir),
+                                '--checkpoint_dir')
     text = ''.join(f'{f.serialize()}\n' for f in our_flags() if f.name != 'debug' and f.value is not None)
     with open(os.path.join(folder, FLAGFILE_NAME), 'w') as f:
         f.write(text)
@@ -172,9 +178,7 @@ def run(config):
     for net in model.networks:
         print(f'{net.name}: {net.count_params():,} parameters', flush=True)
     if config.phase == 'train':
-        model.training_files()  # a missing dataset fails before anything is written
-        save_flagfile(config)
-        counter = model.train()
+        counter = model.train(on_start=lambda: save_flagfile(config))
         print(f'done: {counter - 1} steps; checkpoints in '
               f'{os.path.join(config.checkpoint_dir, config.model_dir)}')
     elif config.phase == 'benchmark':
@@ -204,12 +208,20 @@ def main(argv):
         keras.utils.set_random_seed(config.seed)
     try:
         run(config)
-    except utils.UserError as err:
+    except (utils.UserError, OSError) as err:
         if FLAGS.debug:
             raise
-        fail(str(err), EXIT_FAILURE)
-    except KeyboardInterrupt:
-        fail('interrupted; the last checkpoint is kept', EXIT_FAILURE)
+        # An OSError that no check foresaw (a disk filling up while logs are written):
+        # errno's words and the file still say what is wrong.
+        fail(str(err) if isinstance(err, utils.UserError) else
+             f'{err.strerror or err}: {err.filename or "(no file)"}', EXIT_FAILURE)
+    except KeyboardInterrupt as err:
+        if FLAGS.debug:
+            raise
+        saved = ('the newest checkpoint is kept: run the same command to resume'
+                 if config.phase == 'train' else 'nothing else is written')
+        how = f' by {err}' if isinstance(err, utils.Interrupted) else ''
+        fail(f'interrupted{how}; {saved}', EXIT_INTERRUPTED)
 
 
 if __name__ == '__main__':

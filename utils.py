@@ -8,12 +8,17 @@ per run at trace time (see `build_dataset`).
 """
 
 import collections
+import contextlib
+import errno
 import glob
 import html
 import json
 import os
 import re
+import shutil
+import signal
 import sys
+import threading
 import time
 import uuid
 
@@ -27,10 +32,21 @@ class UserError(Exception):
     """Something the user can fix (a flag, a folder, a file): shown as one line, no traceback."""
 
 
-def check_folder(path):
-    """Creates `path` (and parents) if missing; returns it."""
-    os.makedirs(path, exist_ok=True)
+def check_folder(path, flag=None):
+    """Creates `path` (and parents) if missing; returns it. Raises UserError if it cannot be
+    created or written, naming `flag` (the option that chose it) when given."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise UserError(f'cannot create folder {path} ({err.strerror}): '
+                        f'{_folder_fix(flag)}') from err
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f'cannot write in folder {path} (permission denied): {_folder_fix(flag)}')
     return path
+
+
+def _folder_fix(flag):
+    return f'choose another {flag}' if flag else 'fix its permissions or choose another folder'
 
 
 # --- Listing image files ---------------------------------------------------------
@@ -55,20 +71,24 @@ def _fix_hint(folder):
     return f'put {contents} there, or pick another --dataset'
 
 
-def _images_in(folder, extensions):
+def _images_in(folder, extensions, problem, fix):
     """Sorted files directly in `folder` ending in `extensions` (any case), skipping dot-files
-    and subfolders; the other files are ignored with one warning naming a few."""
+    and subfolders. The other files are ignored with one warning naming a few; if no image is
+    there, raises UserError('`problem` (the ignored files): `fix`')."""
     images, ignored = [], []
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
         if name.startswith('.') or not os.path.isfile(path):
             continue
         (images if name.lower().endswith(extensions) else ignored).append(path)
+    shown = ', '.join(os.path.basename(p) for p in ignored[:NAMES_SHOWN])
+    shown += ', ...' if len(ignored) > NAMES_SHOWN else ''
+    if not images:
+        others = f'; it holds only {len(ignored)} other file(s): {shown}' if ignored else ''
+        raise UserError(f'{problem} (images end in {" ".join(extensions)}{others}): {fix}')
     if ignored:
-        shown = ', '.join(os.path.basename(p) for p in ignored[:NAMES_SHOWN])
-        more = ', ...' if len(ignored) > NAMES_SHOWN else ''
-        logging.warning('Ignoring %d non-image file(s) in %s (%s%s); images end in %s.',
-                        len(ignored), folder, shown, more, ' '.join(extensions))
+        logging.warning('Ignoring %d non-image file(s) in %s (%s); images end in %s.',
+                        len(ignored), folder, shown, ' '.join(extensions))
     return images
 
 
@@ -81,11 +101,7 @@ def list_images(folder):
     """
     if not os.path.isdir(folder):
         raise UserError(f'{folder} does not exist: {_fix_hint(folder)}')
-    images = _images_in(folder, IMAGE_EXTENSIONS)
-    if not images:
-        raise UserError(f'{folder} has no image ({" ".join(IMAGE_EXTENSIONS)}): '
-                        f'{_fix_hint(folder)}')
-    return images
+    return _images_in(folder, IMAGE_EXTENSIONS, f'{folder} has no image', _fix_hint(folder))
 
 
 # --- Training data (TF ops, spec §10 "Training") -----------------------------------
@@ -156,12 +172,30 @@ def augment_image(image, seed):
     return tf.image.stateless_random_crop(image, [img_size, img_size, channels], crop_seed)
 
 
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """Points file descriptor 2 at /dev/null for a while: libjpeg and libpng print their
+    complaints about a broken file there ("Unsupported marker type 0x6a"), and we report
+    the file by name instead. Python's own stderr is flushed first."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _error_reason(path, img_ch):
     """Why `path` fails to load (eager), as one short line."""
     try:
-        decode_image(tf.io.read_file(path), img_ch)
+        with native_stderr_silenced():
+            decode_image(tf.io.read_file(path), img_ch)
     except tf.errors.OpError as err:
-        message = re.sub(r'\{\{.*?\}\}\s*|\s*\[Op:\w+\]', '', err.message)
+        message = re.sub(r'\{\{.*?\}\}\s*|\s*\[Op:\w+\]|\s*name:\s*$', '', err.message)
         return message.strip().splitlines()[0] if message.strip() else type(err).__name__
     return 'could not be decoded'
 
@@ -170,7 +204,7 @@ def validate_images(files, img_ch):
     """The files of `files` that TF reads and decodes, in order; warns once per other file.
 
     One parallel tf.data pass (decode, then drop failures with `ignore_errors`).
-    Raises UserError if no file survives.
+    Raises UserError if no file survives, naming a few of them with the reason (one line).
     """
     files = [os.fspath(f) for f in files]
     if not files:
@@ -183,14 +217,18 @@ def validate_images(files, img_ch):
     passed = (tf.data.Dataset.from_tensor_slices(files)
               .map(decodes, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
               .ignore_errors())
-    readable = {os.fsdecode(path.numpy()) for path, _ in passed}
+    with native_stderr_silenced():
+        readable = {os.fsdecode(path.numpy()) for path, _ in passed}
     failed = [f for f in files if f not in readable]
-    for path in failed:
-        logging.warning('Skipping unreadable image %s: %s', path, _error_reason(path, img_ch))
     if len(failed) == len(files):
         folders = sorted({os.path.dirname(f) or '.' for f in files})
-        raise UserError(f'None of the {len(files)} images in {", ".join(folders)} can be read: '
-                        'replace them with JPEG, PNG, BMP, GIF or WebP files.')
+        reasons = '; '.join(f'{os.path.basename(f)}: {_error_reason(f, img_ch)}'
+                            for f in failed[:NAMES_SHOWN])
+        more = '; ...' if len(failed) > NAMES_SHOWN else ''
+        raise UserError(f'None of the {len(files)} images in {", ".join(folders)} can be read '
+                        f'({reasons}{more}): replace them with JPEG, PNG, BMP, GIF or WebP files.')
+    for path in failed:
+        logging.warning('Skipping unreadable image %s: %s', path, _error_reason(path, img_ch))
     return [f for f in files if f in readable]
 
 
@@ -245,17 +283,42 @@ def build_dataset(files, img_size, img_ch, batch_size, augment, seed=None):
 
 # --- Test images and saving (OpenCV, spec §10 "Test" and "Saving images") ----------
 
+JPEG_MAGIC = b'\xff\xd8'
+JPEG_CHECK_RATIO = 8   # TF decodes at 1/8 scale: fast, and it still reads all the coded data
+
+
+def _imread_bgr(path):
+    """cv2.imread in colour, or None if the file cannot be read or decoded.
+
+    A JPEG must also pass TF's decoder (the training one): OpenCV decodes a truncated
+    JPEG, grey below the cut, with only a libjpeg warning on stderr.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, 'rb') as f:
+            is_jpeg = f.read(len(JPEG_MAGIC)) == JPEG_MAGIC
+    except OSError:
+        return None
+    with native_stderr_silenced():
+        if is_jpeg:
+            try:
+                tf.io.decode_jpeg(tf.io.read_file(path), ratio=JPEG_CHECK_RATIO)
+            except tf.errors.OpError:
+                return None
+        return cv2.imread(path, cv2.IMREAD_COLOR)
+
+
 def load_test_image(path, img_size, img_ch=RGB_CHANNELS):
     """Image file → float32 [S, S, img_ch] in [-1, 1], as the original's `load_test_data`.
 
     cv2.imread (gray → 3 channels, alpha dropped, 16-bit → 8-bit), BGR → RGB,
     cv2.resize INTER_LINEAR (not the training resampler), /127.5 − 1 in float64.
     With img_ch 1 (which the original's test phase could not do) the RGB image is
-    converted to grey. Raises UserError naming the file if OpenCV cannot read it.
+    converted to grey. Raises UserError naming the file if it cannot be read (`_imread_bgr`).
     """
-    image = cv2.imread(os.fspath(path), cv2.IMREAD_COLOR)
+    image = _imread_bgr(path)
     if image is None:
-        raise UserError(f'Cannot read image {path}: replace or remove it.')
+        raise UserError(f'Cannot read image {path}: replace or remove it')
     image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     image = cv2.resize(image, (img_size, img_size), interpolation=cv2.INTER_LINEAR)
     if img_ch == 1:
@@ -328,11 +391,8 @@ def list_input_images(path):
         return [path]
     if not os.path.isdir(path):
         raise UserError(f'--input {path} does not exist: give an image file or a folder of images')
-    images = _images_in(path, INPUT_EXTENSIONS)
-    if not images:
-        raise UserError(f'--input {path} holds no image ({" ".join(INPUT_EXTENSIONS)}): '
-                        'put images there or name an image file')
-    return images
+    return _images_in(path, INPUT_EXTENSIONS, f'--input {path} holds no image',
+                      'put images there or name an image file')
 
 
 def output_names(files):
@@ -347,8 +407,8 @@ def output_names(files):
 def read_image_rgb(path):
     """An image file → uint8 RGB [H, W, 3], read as `load_test_image` reads it: cv2.imread in
     colour (grey → 3 channels, alpha dropped, 16-bit → 8-bit, EXIF orientation applied).
-    Raises UserError naming the file if OpenCV cannot decode it."""
-    image = cv2.imread(os.fspath(path), cv2.IMREAD_COLOR)
+    Raises UserError naming the file if it cannot be read (`_imread_bgr`)."""
+    image = _imread_bgr(path)
     if image is None:
         raise UserError(f'cannot read image {path}: OpenCV cannot decode it (use JPEG, PNG, BMP, '
                         'WebP or TIFF)')
@@ -723,9 +783,30 @@ class LossHistory:
 
 CHECKPOINT_STATE = 'checkpoint'       # TF's state file: which checkpoints exist, the newest last
 TMP_PREFIX = '.tmp-'
+STATE_NEWEST = re.compile(r'^model_checkpoint_path:\s*"(.+)"\s*$', re.M)
+SAVED_NAME = re.compile(r'\.model-\d+$')  # the original's (and our) checkpoint names
+# Test-only fault injection, read in `_fault_point` and nowhere else: never set it for real
+# runs. UGATIT_TEST_FAULT='<action>@<stage>@<checkpoint name>' acts when the save of that
+# checkpoint reaches `stage` (one of FAULT_STAGES, see `write_checkpoint`): action 'kill'
+# sends this process SIGKILL; 'enospc' ('written' or 'renamed') raises the OSError of a
+# full disk.
+FAULT_ENV = 'UGATIT_TEST_FAULT'
+FAULT_STAGES = ('written', 'renamed', 'listed')
+
+
+def _fault_point(stage, name):
+    """Test-only: acts on UGATIT_TEST_FAULT at `stage` of saving checkpoint `name`."""
+    action, _, where = os.environ.get(FAULT_ENV, '').partition('@')
+    if where != f'{stage}@{name}':
+        return
+    if action == 'kill':
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action == 'enospc':
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
 
 
 def _fsync(path):
+    """Flushes a file, or a folder's entries (renames, deletions), to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -733,40 +814,102 @@ def _fsync(path):
         os.close(fd)
 
 
+def _remove(paths):
+    """Deletes `paths` in order, ignoring those already gone."""
+    for path in paths:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+
 def checkpoint_files(prefix):
-    return [prefix + '.index'] + glob.glob(glob.escape(prefix) + '.data-*')
+    """The index (first) and data files of the checkpoint `prefix`."""
+    return [prefix + '.index'] + sorted(glob.glob(glob.escape(prefix) + '.data-*'))
+
+
+def error_text(err):
+    """An OSError's or TF error's message as one short line."""
+    text = getattr(err, 'strerror', None) or getattr(err, 'message', None) or str(err)
+    text = re.sub(r'\{\{.*?\}\}\s*|\s*\[Op:\w+\]', '', text).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def write_checkpoint(directory, name, tensors, max_to_keep, marker_key):
     """Writes a name-based (TF1 `Saver`-format) checkpoint `directory/name`; returns its prefix.
 
-    `tensors`: {name: tensor or array}. The files are written under a temporary
-    name, flushed to disk and renamed (the index last), then the `checkpoint`
-    state file is replaced: a crash at any moment leaves the previous newest
-    checkpoint complete and listed. Then the oldest checkpoints that hold
-    `marker_key` (ours) beyond `max_to_keep` are deleted; others are kept.
+    `tensors`: {name: tensor or array}. The steps, each a `_fault_point` stage:
+    1. SaveV2 writes `.tmp-<name>.{index,data-*}`, each file is fsynced ('written');
+    2. leftovers of an abandoned save under `name` are deleted (index first), the data
+       files and then the index take their final names, the folder is fsynced
+       ('renamed'): an index always has its data;
+    3. the `checkpoint` state file is replaced (temporary file, fsync, rename, fsync of
+       the folder): only now is the checkpoint saved ('listed');
+    4. the oldest checkpoints that hold `marker_key` (ours) beyond `max_to_keep` are
+       deleted, index first; others are kept.
+    A kill at any moment leaves the checkpoint that the state file names complete, and
+    `remove_partial_checkpoints` clears what it left. A failure before step 3 ends (a full
+    disk) deletes the new files, leaves the state file and the older checkpoints as they
+    were, and raises UserError.
     """
-    check_folder(directory)
+    check_folder(directory, '--checkpoint_dir')
     tmp = os.path.join(directory, TMP_PREFIX + name)
     final = os.path.join(directory, name)
     names = sorted(tensors)
     try:
         tf.raw_ops.SaveV2(prefix=tmp, tensor_names=names, shape_and_slices=[''] * len(names),
                           tensors=[tensors[n] for n in names])
-        data = [p for p in checkpoint_files(tmp) if not p.endswith('.index')]
-        for path in data + [tmp + '.index']:
+        written = checkpoint_files(tmp)
+        for path in written:
             _fsync(path)
+        _fault_point('written', name)
+        _remove(checkpoint_files(final))
+        for path in written[1:] + written[:1]:  # data first, the index last
             os.replace(path, final + path[len(tmp):])
-    except (tf.errors.OpError, OSError) as err:
-        for path in checkpoint_files(tmp):
-            os.remove(path)
-        raise UserError(f'cannot save checkpoint {final}: {getattr(err, "message", err)} '
-                        '(the previous checkpoints are intact)') from err
-    _update_checkpoint_state(directory, name, max_to_keep, marker_key)
+        _fsync(directory)
+        _fault_point('renamed', name)
+        state, stale = _checkpoint_state(directory, name, max_to_keep, marker_key)
+        _replace_file(os.path.join(directory, CHECKPOINT_STATE), state)
+    except BaseException as err:
+        _remove(glob.glob(glob.escape(tmp) + '*'))
+        if os.path.basename(newest_listed(directory) or '') != name:
+            _remove(checkpoint_files(final))
+        if isinstance(err, (OSError, tf.errors.OpError)):
+            raise UserError(f'cannot save checkpoint {final} ({error_text(err)}): the partial '
+                            'files are removed and the previous checkpoints kept; make room, '
+                            'then run the same command to resume') from err
+        raise
+    _fault_point('listed', name)
+    for prefix in stale:
+        _remove(checkpoint_files(prefix))
     return final
 
 
-def _checkpoint_prefixes(directory):
+def _replace_file(path, text):
+    """Replaces `path` with `text` atomically and durably (temporary file, fsync, rename)."""
+    folder = os.path.dirname(path) or '.'
+    tmp = os.path.join(folder, TMP_PREFIX + os.path.basename(path))
+    with open(tmp, 'w') as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync(folder)
+
+
+def newest_listed(directory):
+    """The newest checkpoint the state file of `directory` names (as written there, possibly
+    an absolute path from another machine), or None: no state file, or a damaged one."""
+    try:
+        with open(os.path.join(directory, CHECKPOINT_STATE), encoding='utf-8',
+                  errors='replace') as f:
+            match = STATE_NEWEST.search(f.read())
+    except OSError:
+        return None
+    return match.group(1) if match else None
+
+
+def complete_checkpoints(directory):
     """Complete checkpoints in `directory` (an index and its data), oldest first by counter."""
     prefixes = [p[:-len('.index')] for p in glob.glob(os.path.join(glob.escape(directory), '*.index'))
                 if not os.path.basename(p).startswith(TMP_PREFIX)]
@@ -774,8 +917,10 @@ def _checkpoint_prefixes(directory):
     return sorted((p for p in prefixes if len(checkpoint_files(p)) > 1), key=step)
 
 
-def _update_checkpoint_state(directory, newest, max_to_keep, marker_key):
-    prefixes = [p for p in _checkpoint_prefixes(directory) if os.path.basename(p) != newest]
+def _checkpoint_state(directory, newest, max_to_keep, marker_key):
+    """(the state file's text with `newest` last, the prefixes rotation deletes): the oldest
+    of ours (holding `marker_key`) beyond `max_to_keep`."""
+    prefixes = [p for p in complete_checkpoints(directory) if os.path.basename(p) != newest]
     prefixes.append(os.path.join(directory, newest))
     ours = []
     for prefix in prefixes:
@@ -788,15 +933,93 @@ def _update_checkpoint_state(directory, newest, max_to_keep, marker_key):
     kept = [p for p in prefixes if p not in stale]
     lines = [f'model_checkpoint_path: "{newest}"']
     lines += [f'all_model_checkpoint_paths: "{os.path.basename(p)}"' for p in kept]
-    tmp = os.path.join(directory, TMP_PREFIX + CHECKPOINT_STATE)
-    with open(tmp, 'w') as f:
-        f.write('\n'.join(lines) + '\n')
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(directory, CHECKPOINT_STATE))
-    for prefix in stale:
-        for path in checkpoint_files(prefix):
-            os.remove(path)
+    return '\n'.join(lines) + '\n', stale
+
+
+def remove_partial_checkpoints(directory):
+    """Deletes what an interrupted save left in `directory`: its temporary files, and data
+    files of checkpoints (`*.model-<n>`) whose index is missing. Returns the paths deleted."""
+    if not os.path.isdir(directory):
+        return []
+    partial = [p for p in glob.glob(os.path.join(glob.escape(directory), '.*'))
+               if os.path.basename(p).startswith(TMP_PREFIX) and os.path.isfile(p)]
+    for path in glob.glob(os.path.join(glob.escape(directory), '*.data-*')):
+        prefix = path[:path.rindex('.data-')]
+        if SAVED_NAME.search(prefix) and not os.path.exists(prefix + '.index'):
+            partial.append(path)
+    _remove(partial)
+    if partial:
+        logging.info('Removed %d file(s) of an interrupted checkpoint save in %s',
+                     len(partial), directory)
+    return partial
+
+
+def checkpoints_size(directory):
+    """Bytes held by the complete checkpoints in `directory`."""
+    return sum(os.path.getsize(path) for prefix in complete_checkpoints(directory)
+               for path in checkpoint_files(prefix))
+
+
+def format_bytes(n):
+    """1234567 -> '1.2 MB' (powers of 1000)."""
+    for unit in ('B', 'KB', 'MB', 'GB'):
+        if abs(n) < 1000:
+            return f'{n:.3g} {unit}'
+        n /= 1000
+    return f'{n:.3g} TB'
+
+
+def check_free_space(folder, needed, what):
+    """Warns in one line, and returns the warning, if the disk holding `folder` has fewer
+    than `needed` bytes free (`what` says what they are for); otherwise returns None."""
+    existing = os.path.abspath(folder)
+    while not os.path.isdir(existing):  # the folder may not exist yet
+        existing = os.path.dirname(existing)
+    free = shutil.disk_usage(existing).free
+    if free >= needed:
+        return None
+    message = (f'only {format_bytes(free)} free on the disk of {folder}, and {what} need '
+               f'{format_bytes(needed)} more: free some space or choose another --checkpoint_dir')
+    logging.warning(message)
+    return message
+
+
+# --- Stopping cleanly ------------------------------------------------------------------
+
+class Interrupted(KeyboardInterrupt):
+    """A stop request (SIGINT, SIGTERM) acted on between two training steps."""
+
+
+class StopRequests:
+    """From creation to `restore()`, the first SIGINT (Ctrl-C) or SIGTERM (pre-emption) only
+    records `signal`; `check()` then raises `Interrupted`, at a point where the state is
+    consistent. A second signal raises KeyboardInterrupt at once. Installs nothing outside
+    the main thread (signals only reach the main thread)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    NOTICE = b'\nstopping after this step; press Ctrl-C again to stop at once\n'
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        os.write(sys.__stderr__.fileno(), self.NOTICE)  # no buffered I/O in a signal handler
+
+    def check(self):
+        if self.signal is not None:
+            raise Interrupted(self.signal)
+
+    def restore(self):
+        """Puts back the previous handlers."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
 
 # --- Test-phase outputs ------------------------------------------------------------
