@@ -180,7 +180,6 @@ class Config:
                 f'discriminator\'s last map would be {side} px and must be at least '
                 f'{MIN_GLOBAL_MAP}; {fix}--img_size {min_img_size(self.n_dis)} or more')
 
-
     def _validate_distribute(self):
         """--distribute, --gpus and (for multi_worker) the TF_CONFIG environment variable."""
         if self.distribute not in DISTRIBUTE_MODES:

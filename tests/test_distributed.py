@@ -60,14 +60,14 @@ LOSS_RTOL = 1e-12
 
 # --- helpers shared with the subprocesses ---------------------------------------------
 
-def write_dataset(root, n_images=N_IMAGES):
-    """root/tiny/{trainA,trainB,testA,testB}/ with `n_images` random PNGs each."""
+def write_dataset(root):
+    """root/tiny/{trainA,trainB,testA,testB}/ with N_IMAGES random PNGs each."""
     import cv2
     rng = np.random.default_rng(0)
     for folder in ('trainA', 'trainB', 'testA', 'testB'):
         path = os.path.join(root, DATASET, folder)
         os.makedirs(path, exist_ok=True)
-        for i in range(n_images):
+        for i in range(N_IMAGES):
             image = rng.integers(0, 256, (SOURCE_SIDE, SOURCE_SIDE, 3), dtype=np.uint8)
             assert cv2.imwrite(os.path.join(path, f'{folder}_{i}.png'), image)
 
@@ -379,11 +379,13 @@ def test_mirrored_flag_errors_name_the_flag():
 
 
 def test_mirrored_names_only_visible_gpus():
-    """--gpus 3 on a machine without that GPU says how many there are."""
+    """--gpus naming a GPU past the visible ones says how many there are."""
+    import tensorflow as tf
     import UGATIT as ugatit
     from utils import UserError
-    with pytest.raises(UserError, match='--gpus 3: no GPU 3'):
-        ugatit.mirrored_devices('3')
+    absent = len(tf.config.list_logical_devices('GPU'))
+    with pytest.raises(UserError, match=f'--gpus {absent}: no GPU {absent} '):
+        ugatit.mirrored_devices(str(absent))
 
 
 @pytest.mark.parametrize('tf_config, words', [
