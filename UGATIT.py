@@ -56,6 +56,14 @@ RNG_KEY = 'ugatit/rng_state'
 BENCHMARK_SEED = 0                    # generated images of --phase benchmark
 BENCHMARK_PIPELINE_FILES = 64         # noise JPEGs timed through the input pipeline
 BENCHMARK_PIPELINE_BATCHES = 50
+# --distribute: one device (today's path), tf.distribute.MirroredStrategy on this machine's
+# devices, or tf.distribute.MultiWorkerMirroredStrategy over the machines of TF_CONFIG.
+DISTRIBUTE_MODES = ('none', 'mirrored', 'multi_worker')
+DISTRIBUTED_PHASES = {'mirrored': ('train', 'benchmark'), 'multi_worker': ('train',)}
+TF_CONFIG_ENV = 'TF_CONFIG'
+WORKER_TASK_TYPES = ('chief', 'worker')   # the TF_CONFIG task types that train
+N_DOMAINS = 2                             # A and B: one input stream each
+WORKER_SCRATCH = 'worker-{task_id}'       # a non-chief worker's throw-away checkpoint folder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +112,8 @@ class Config:
     inception_weights: str = ''    # eval: InceptionV3 weights file (default: Keras' ImageNet file)
     benchmark_steps: int = 5       # --phase benchmark: timed runs of each step
     benchmark_json: str = ''       # --phase benchmark: also write the figures here
+    distribute: str = 'none'       # none, mirrored or multi_worker (tf.distribute)
+    gpus: str = ''                 # --distribute mirrored: GPU indices such as "0,1" (default: all)
 
     @property
     def model_name(self):
@@ -153,6 +163,7 @@ class Config:
             if getattr(self, name) and not self.input:
                 raise UserError(f'--{name} works only with --input: add --input PATH (an image '
                                 'file or a folder)')
+        self._validate_distribute()
         if self.gan_type not in ops.GAN_TYPES:
             raise UserError(f'--gan_type {self.gan_type!r} is unknown: use one of '
                             f'{", ".join(ops.GAN_TYPES)}')
@@ -169,6 +180,78 @@ class Config:
                 f'--img_size {self.img_size} is too small for --n_dis {self.n_dis}: the global '
                 f'discriminator\'s last map would be {side} px and must be at least '
                 f'{MIN_GLOBAL_MAP}; {fix}--img_size {min_img_size(self.n_dis)} or more')
+
+    def _validate_distribute(self):
+        """--distribute, --gpus and (for multi_worker) the TF_CONFIG environment variable."""
+        if self.distribute not in DISTRIBUTE_MODES:
+            raise UserError(f'--distribute must be one of {", ".join(DISTRIBUTE_MODES)}, got '
+                            f'{self.distribute!r}')
+        phases = DISTRIBUTED_PHASES.get(self.distribute)
+        if phases and self.phase not in phases:
+            raise UserError(f'--distribute {self.distribute} works with --phase '
+                            f'{" or ".join(phases)}, not {self.phase}: drop --distribute')
+        if self.gpus and self.distribute != 'mirrored':
+            raise UserError('--gpus works only with --distribute mirrored')
+        if self.gpus:
+            indices = self.gpus.split(',')
+            if not all(i.isdigit() for i in indices) or len(set(map(int, indices))) < len(indices):
+                raise UserError(f'--gpus must list distinct GPU indices such as 0,1, got '
+                                f'{self.gpus!r}')
+        if self.distribute == 'multi_worker':
+            tf_config_task()
+
+
+def tf_config_task():
+    """(task type, index) of this process in the TF_CONFIG environment variable; UserError
+    when it is missing or does not describe a worker of its cluster."""
+    raw = os.environ.get(TF_CONFIG_ENV)
+    hint = ('see "Several GPUs or machines" in README.md for an example')
+    if not raw:
+        raise UserError(f'--distribute multi_worker reads the cluster from the {TF_CONFIG_ENV} '
+                        f'environment variable, which is not set: {hint}')
+    try:
+        spec = json.loads(raw)
+        cluster, task_type, index = spec['cluster'], spec['task']['type'], spec['task']['index']
+        hosts = cluster[task_type]
+        if not isinstance(index, int) or not 0 <= index < len(hosts):
+            raise IndexError(index)
+    except (ValueError, KeyError, TypeError, IndexError) as err:
+        raise UserError(f'{TF_CONFIG_ENV} must be JSON with "cluster" (job: [host:port, ...]) and '
+                        f'"task" ({{"type", "index"}} of a listed host) ({type(err).__name__}: '
+                        f'{err}): {hint}') from err
+    if task_type not in WORKER_TASK_TYPES:
+        raise UserError(f'{TF_CONFIG_ENV} task type {task_type!r} does not train: use '
+                        f'{" or ".join(WORKER_TASK_TYPES)} (MultiWorkerMirroredStrategy)')
+    return task_type, index
+
+
+def mirrored_devices(gpus=''):
+    """The devices of --distribute mirrored: the visible GPUs named by `gpus` ("0,1"), else
+    every visible GPU, else every logical CPU device (one, unless split as the tests do)."""
+    visible = [d.name for d in tf.config.list_logical_devices('GPU')]
+    if gpus:
+        indices = [int(i) for i in gpus.split(',')]
+        missing = [i for i in indices if i >= len(visible)]
+        if missing:
+            raise UserError(f'--gpus {gpus}: no GPU {missing[0]} (this process sees '
+                            f'{len(visible)} GPU{"s" if len(visible) != 1 else ""}; '
+                            f'CUDA_VISIBLE_DEVICES renumbers them from 0)')
+        return [visible[i] for i in indices]
+    return visible or [d.name for d in tf.config.list_logical_devices('CPU')]
+
+
+def make_strategy(config):
+    """The tf.distribute strategy of `config.distribute`; for none the default strategy
+    (one device, no replica logic: exactly the single-device path)."""
+    if config.distribute == 'mirrored':
+        devices = mirrored_devices(config.gpus)
+        if len(devices) == 1:
+            logging.warning('--distribute mirrored on one device (%s): it trains like '
+                            '--distribute none, with extra overhead', devices[0])
+        return tf.distribute.MirroredStrategy(devices)
+    if config.distribute == 'multi_worker':
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
 
 
 def global_downsamplings(n_dis):
@@ -508,26 +591,100 @@ class UGATIT:
     def __init__(self, config):
         config.validate()
         self.config = c = config
+        # First: MultiWorkerMirroredStrategy must exist before TensorFlow runs anything.
+        self.strategy = make_strategy(c)
         out_ch = c.img_ch  # the original hard-codes 3, the only value it can train with
-        self.gen_a2b = Generator(c.ch, c.n_res, c.light, c.smoothing, out_ch, name='generator_B')
-        self.gen_b2a = Generator(c.ch, c.n_res, c.light, c.smoothing, out_ch, name='generator_A')
-        self.disc_a = MultiScaleDiscriminator(c.ch, c.n_dis, c.sn, name='discriminator_A')
-        self.disc_b = MultiScaleDiscriminator(c.ch, c.n_dis, c.sn, name='discriminator_B')
-        # Draws the gradient penalties' noise; its state goes into every checkpoint.
-        self.rng = (tf.random.Generator.from_seed(c.seed) if c.seed is not None
-                    else tf.random.Generator.from_non_deterministic_state())
+        with self.strategy.scope():  # variables are mirrored on every replica
+            self.gen_a2b = Generator(c.ch, c.n_res, c.light, c.smoothing, out_ch,
+                                     name='generator_B')
+            self.gen_b2a = Generator(c.ch, c.n_res, c.light, c.smoothing, out_ch,
+                                     name='generator_A')
+            self.disc_a = MultiScaleDiscriminator(c.ch, c.n_dis, c.sn, name='discriminator_A')
+            self.disc_b = MultiScaleDiscriminator(c.ch, c.n_dis, c.sn, name='discriminator_B')
+            # Draws the gradient penalties' noise; its state goes into every checkpoint.
+            # Under a strategy each replica draws its own stream (tf.random.Generator folds
+            # the replica id into the key), as its own images would have their own noise.
+            self.rng = (tf.random.Generator.from_seed(c.seed) if c.seed is not None
+                        else tf.random.Generator.from_non_deterministic_state())
+            self.build_model()
         self.g_opt = self.d_opt = None  # built by build_optimizers() (training only)
         self._inception = None          # built by inception() (evaluation only)
         self._demo_checked = False      # the demo dataset is checked (or made) once
-        self.build_model()
-        dtype = keras.config.floatx()  # float32; float64 in the exactness tests
-        image = tf.TensorSpec([None, c.img_size, c.img_size, c.img_ch], dtype)
-        scalar = tf.TensorSpec([], dtype)
-        # One graph each for the whole run (any batch size).
-        self.d_step = tf.function(self._d_update, input_signature=[image, image, scalar],
-                                  autograph=False)
-        self.g_step = tf.function(self._g_update, input_signature=[image, image, scalar],
-                                  autograph=False)
+        if self.distributed:
+            # Inputs are per-replica values (`split_batch`, `_training_streams`), which a
+            # TensorSpec signature cannot describe; their shapes are fixed within a run.
+            self.d_step = tf.function(self._replicated(self._d_update), autograph=False)
+            self.g_step = tf.function(self._replicated(self._g_update), autograph=False)
+        else:
+            dtype = keras.config.floatx()  # float32; float64 in the exactness tests
+            image = tf.TensorSpec([None, c.img_size, c.img_size, c.img_ch], dtype)
+            scalar = tf.TensorSpec([], dtype)
+            # One graph each for the whole run (any batch size).
+            self.d_step = tf.function(self._d_update, input_signature=[image, image, scalar],
+                                      autograph=False)
+            self.g_step = tf.function(self._g_update, input_signature=[image, image, scalar],
+                                      autograph=False)
+
+    # -- distribution --
+
+    @property
+    def distributed(self):
+        """True under --distribute mirrored or multi_worker (even with a single replica)."""
+        return self.config.distribute != 'none'
+
+    @property
+    def replicas(self):
+        """Replicas in sync: every device of every worker (1 with --distribute none)."""
+        return self.strategy.num_replicas_in_sync
+
+    @property
+    def task(self):
+        """(task type, index) of this worker in TF_CONFIG; (None, 0) outside multi_worker."""
+        resolver = self.strategy.cluster_resolver if self.distributed else None
+        if resolver is None or not resolver.task_type:
+            return None, 0
+        return resolver.task_type, resolver.task_id or 0
+
+    @property
+    def is_chief(self):
+        """True for the process that writes checkpoints, logs, summaries and samples: the
+        only one outside multi_worker; else TF_CONFIG's `chief`, or worker 0 when there is
+        no chief (the TF multi-worker guide's rule)."""
+        task_type, task_id = self.task
+        if task_type is None or task_type == 'chief':
+            return True
+        return task_id == 0 and 'chief' not in self.strategy.cluster_resolver.cluster_spec().jobs
+
+    def split_batch(self, images):
+        """A global batch [N·b, ...] as N per-replica batches of b: replica r gets rows
+        r·b … r·b + b − 1 (every worker passes the whole global batch). Without a strategy,
+        `images` itself."""
+        if not self.distributed:
+            return images
+        images = tf.convert_to_tensor(images)
+        per_replica = images.shape[0] // self.replicas
+        if per_replica * self.replicas != images.shape[0]:
+            raise ValueError(f'a batch of {images.shape[0]} does not split over '
+                             f'{self.replicas} replicas')
+        return self.strategy.experimental_distribute_values_from_function(
+            lambda ctx: images[ctx.replica_id_in_sync_group * per_replica:
+                               (ctx.replica_id_in_sync_group + 1) * per_replica])
+
+    def local_batch(self, values):
+        """This worker's replicas' part of per-replica `values` as one tensor [Σ b, ...]
+        (replica order); a plain tensor is returned as is."""
+        parts = self.strategy.experimental_local_results(values)
+        return parts[0] if len(parts) == 1 else tf.concat(parts, axis=0)
+
+    def _replicated(self, update):
+        """`update(real_a, real_b, lr)` as one step on every replica: returns (its losses
+        averaged over the replicas, which is over the global batch, and its extras as
+        per-replica values). The optimizer sums the replicas' gradients (see `_update`)."""
+        def step(real_a, real_b, lr):
+            losses, extras = self.strategy.run(update, args=(real_a, real_b, lr))
+            mean = lambda value: self.strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None)
+            return {name: mean(value) for name, value in losses.items()}, extras
+        return step
 
     @property
     def generators(self):
@@ -664,9 +821,10 @@ class UGATIT:
             adam = lambda name: keras.optimizers.Adam(
                 learning_rate=self.config.lr, beta_1=ADAM_BETA1, beta_2=ADAM_BETA2,
                 epsilon=ADAM_EPSILON, name=name)
-            self.g_opt, self.d_opt = adam('G_Adam'), adam('D_Adam')
-            self.g_opt.build(self.g_vars)
-            self.d_opt.build(self.d_vars)
+            with self.strategy.scope():  # slots, step counts and lr mirrored like the weights
+                self.g_opt, self.d_opt = adam('G_Adam'), adam('D_Adam')
+                self.g_opt.build(self.g_vars)
+                self.d_opt.build(self.d_vars)
         return self.g_opt, self.d_opt
 
     def learning_rate(self, epoch):
@@ -684,11 +842,23 @@ class UGATIT:
         the start-of-step `u`, and `u` moves one power iteration per update
         (D step and G step alike, as the original's graph does). The optimizer
         applies the rho constraints right after the update.
+
+        Under a strategy this runs on every replica (`_replicated`): the kernels
+        are identical on all, so each replica computes the same new `u` (and `u`
+        is an ONLY_FIRST_REPLICA variable, so the first replica's value is
+        written everywhere) and the same clipped rho.
         """
         with ops.power_iteration_step(*self.discriminators):
             with tf.GradientTape() as tape:
                 losses, extras = compute()
-            grads = tape.gradient(losses[total], variables)
+                objective = losses[total]
+                if self.replicas > 1:
+                    # Every term is a mean over this replica's b images (the L2 term is
+                    # the same on all), and the optimizer sums the replicas' gradients
+                    # (Keras' TF optimizer all-reduces them): 1/N makes that sum the
+                    # gradient of the mean over all N·b images, L2 counted once.
+                    objective = objective / self.replicas
+            grads = tape.gradient(objective, variables)
             optimizer.learning_rate = lr
             optimizer.apply(grads, variables)
         return losses, extras
@@ -881,6 +1051,49 @@ class UGATIT:
         """{'A': files, 'B': files} of trainA/trainB; UserError if a folder is missing or empty."""
         return {d: utils.list_images(self.dataset_folder(f'train{d}')) for d in 'AB'}
 
+    def _training_streams(self, files, seed):
+        """{'A': iterator, 'B': iterator} of training batches of --batch_size images per replica.
+
+        Without a strategy: tensors [batch_size, S, S, img_ch] (`utils.build_dataset`).
+        Under one: per-replica values (`strategy.distribute_datasets_from_function`). Each
+        worker's input pipeline reads its own share of the files (every n-th, n = workers)
+        with its own seed; the replicas of one worker take consecutive batches of it, so
+        every replica sees different images.
+        """
+        c = self.config
+
+        def stream(domain, seed):
+            def dataset(context=None):
+                shard, shards = ((context.input_pipeline_id, context.num_input_pipelines)
+                                 if context else (0, 1))
+                if len(files[domain]) < shards * c.batch_size:
+                    raise UserError(f'train{domain} holds {len(files[domain])} images: {shards} '
+                                    f'workers need at least {shards * c.batch_size} (one batch '
+                                    'each); add images or lower --batch_size')
+                return utils.build_dataset(
+                    files[domain][shard::shards], c.img_size, c.img_ch, c.batch_size,
+                    c.augment_flag, None if seed is None else seed + N_DOMAINS * shard)
+            if not self.distributed:
+                return iter(dataset())
+            return iter(self.strategy.distribute_datasets_from_function(dataset))
+
+        return {d: stream(d, None if seed is None else seed + i) for i, d in enumerate('AB')}
+
+    def _check_workers_agree(self, counter, checkpoint_dir):
+        """multi_worker: UserError unless every worker resumes at the same step. Each worker
+        reads checkpoint_dir itself, so it must be storage they share (or a copy of the
+        chief's run folder); the values are all-gathered, so all workers raise together."""
+        if self.config.distribute != 'multi_worker':
+            return
+        counters = self.strategy.gather(
+            self.strategy.experimental_distribute_values_from_function(
+                lambda context: tf.constant([counter], tf.int64)), axis=0).numpy()
+        if counters.min() != counters.max():
+            raise UserError(f'the workers would resume at different steps ('
+                            f'{", ".join(str(int(n) - 1) for n in counters)}): put '
+                            f'{checkpoint_dir} on storage every worker reads, or copy the '
+                            "chief's run folder to each worker")
+
     def train(self, on_start=None):
         """The original's `train()`: n_critic D updates per G update, per-epoch lr decay,
         samples every print_freq and checkpoints every save_freq steps, resumable.
@@ -889,35 +1102,43 @@ class UGATIT:
         before anything is written; then `on_start()` is called. A first SIGINT or SIGTERM
         stops after the current step with a checkpoint (then `utils.Interrupted` is raised);
         a loss or weight that is not finite stops with a UserError and saves nothing.
+        Under --distribute every worker runs this loop in step with the others; only the
+        chief writes checkpoints, the loss history, TensorBoard summaries, samples and
+        evaluations, and prints the progress line (see `_save` for the other workers).
         """
         c = self.config
+        chief = self.is_chief
         files = self.training_files()
         checkpoint_dir = os.path.join(c.checkpoint_dir, c.model_dir)
+        sample_dir = os.path.join(c.sample_dir, c.model_dir)
         log_dir = os.path.join(c.log_dir, c.model_dir)
         self.build_optimizers()
-        utils.remove_partial_checkpoints(checkpoint_dir)
+        if chief:
+            utils.remove_partial_checkpoints(checkpoint_dir)
         counter = self._restore_for_training(checkpoint_dir)
+        self._check_workers_agree(counter, checkpoint_dir)
         steps_done = counter - 1
         # A resumed run draws a new (seeded) data order: tf.data keeps no position.
         seed = None if c.seed is None else c.seed + steps_done
-        data = {d: iter(utils.build_dataset(files[d], c.img_size, c.img_ch, c.batch_size,
-                                            c.augment_flag, None if seed is None else seed + i))
-                for i, d in enumerate('AB')}
-        size = self.checkpoint_bytes()
-        utils.check_free_space(
-            checkpoint_dir, (MAX_TO_KEEP + 1) * size - utils.checkpoints_size(checkpoint_dir),
-            f'the {MAX_TO_KEEP} checkpoints kept and the one being written '
-            f'({utils.format_bytes(size)} each)')
+        data = self._training_streams(files, seed)
+        if chief:
+            size = self.checkpoint_bytes()
+            utils.check_free_space(
+                checkpoint_dir, (MAX_TO_KEEP + 1) * size - utils.checkpoints_size(checkpoint_dir),
+                f'the {MAX_TO_KEEP} checkpoints kept and the one being written '
+                f'({utils.format_bytes(size)} each)')
         checkpoint_dir = utils.check_folder(checkpoint_dir, '--checkpoint_dir')
-        sample_dir = utils.check_folder(os.path.join(c.sample_dir, c.model_dir), '--sample_dir')
-        utils.check_folder(log_dir, '--log_dir')
+        if chief:
+            utils.check_folder(sample_dir, '--sample_dir')
+            utils.check_folder(log_dir, '--log_dir')
         if on_start:
             on_start()
-        writer = tf.summary.create_file_writer(log_dir)
+        writer = (tf.summary.create_file_writer(log_dir) if chief
+                  else tf.summary.create_noop_writer())
         write_scalars, write_rho = self._summary_writers(writer)
-        evaluate = self._training_evaluator(writer) if c.eval_freq else None
-        history = utils.LossHistory(os.path.join(log_dir, 'losses.jsonl'))
-        progress = utils.Progress(c.epoch * c.iteration, steps_done)
+        evaluate = self._training_evaluator(writer) if c.eval_freq and chief else None
+        history = utils.LossHistory(os.path.join(log_dir, 'losses.jsonl')) if chief else None
+        progress = utils.Progress(c.epoch * c.iteration, steps_done, quiet=not chief)
         sample_fn = tf.function(self._sample_images, autograph=False)
         saved_at = counter if steps_done else None
         real_a = real_b = fakes = None
@@ -938,22 +1159,15 @@ class UGATIT:
                         g_losses, fakes = self.g_step(real_a, real_b, lr)
                         write_scalars(step, g_losses)
                         logged.update(self._check_finite(g_losses, counter))
-                    history.append(counter, logged)
+                    if chief:
+                        history.append(counter, logged)
                     counter += 1
                     progress.update(epoch, idx, c.iteration, logged['Discriminator_loss'],
                                     logged.get('Generator_loss', last_g_loss))
                     last_g_loss = logged.get('Generator_loss', last_g_loss)
-                    if (idx + 1) % c.print_freq == 0 and real_a is not None:
-                        tag = f'{epoch:03d}_{idx + 1:05d}'
-                        utils.save_images(real_a.numpy(), [c.batch_size, 1],
-                                          os.path.join(sample_dir, f'real_A_{tag}.png'))
-                        utils.save_images(fakes['fake_B'].numpy(), [c.batch_size, 1],
-                                          os.path.join(sample_dir, f'fake_B_{tag}.png'))
-                        sheet = utils.sample_sheet(tf.nest.map_structure(
-                            lambda t: t.numpy(), sample_fn(real_a, real_b)))
-                        utils.write_image(os.path.join(sample_dir, f'sheet_{tag}.png'), sheet)
-                        with writer.as_default(step=step):
-                            tf.summary.image('samples', sheet[None], max_outputs=1)
+                    if chief and (idx + 1) % c.print_freq == 0 and real_a is not None:
+                        self._write_samples(sample_dir, f'{epoch:03d}_{idx + 1:05d}', step,
+                                            writer, sample_fn, real_a, real_b, fakes)
                     if (idx + 1) % c.save_freq == 0:
                         saved_at = self._save(checkpoint_dir, counter, history, progress)
                     if evaluate is not None and (idx + 1) % c.eval_freq == 0:
@@ -972,10 +1186,36 @@ class UGATIT:
             writer.close()
         return counter
 
+    def _write_samples(self, sample_dir, tag, step, writer, sample_fn, real_a, real_b, fakes):
+        """The original's real_A/fake_B files and our sample sheet (also to TensorBoard), from
+        the last G step's inputs and fakes (this worker's replicas' images, stacked)."""
+        real_a, real_b = self.local_batch(real_a), self.local_batch(real_b)
+        fake_b = self.local_batch(fakes['fake_B']).numpy()
+        grid = [len(fake_b), 1]
+        utils.save_images(real_a.numpy(), grid, os.path.join(sample_dir, f'real_A_{tag}.png'))
+        utils.save_images(fake_b, grid, os.path.join(sample_dir, f'fake_B_{tag}.png'))
+        sheet = utils.sample_sheet(tf.nest.map_structure(lambda t: t.numpy(),
+                                                         sample_fn(real_a, real_b)))
+        utils.write_image(os.path.join(sample_dir, f'sheet_{tag}.png'), sheet)
+        with writer.as_default(step=step):
+            tf.summary.image('samples', sheet[None], max_outputs=1)
+
     def _save(self, checkpoint_dir, counter, history, progress):
-        prefix = self.save_checkpoint(checkpoint_dir, counter)
-        history.plot(os.path.join(os.path.dirname(history.path), 'losses.png'))
-        progress.note(f'saved {prefix}')
+        """The chief writes a checkpoint into `checkpoint_dir` and refreshes the loss plot.
+        Another worker writes its own into a scratch folder and deletes it at once, as the
+        TF multi-worker guide does: every worker takes part in a save, so a variable whose
+        value needs all of them could never hang the chief."""
+        if self.is_chief:
+            prefix = self.save_checkpoint(checkpoint_dir, counter)
+            history.plot(os.path.join(os.path.dirname(history.path), 'losses.png'))
+            progress.note(f'saved {prefix}')
+        else:
+            scratch = os.path.join(checkpoint_dir, utils.TMP_PREFIX
+                                   + WORKER_SCRATCH.format(task_id=self.task[1]))
+            try:
+                self.save_checkpoint(scratch, counter)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
         return counter
 
     @staticmethod
@@ -1321,6 +1561,8 @@ class UGATIT:
 
         After one warm-up (which traces), `--benchmark_steps` runs each of: a D update,
         a G update (their sum is a training iteration at n_critic 1), an A→B translation.
+        With --distribute mirrored the steps run on every replica, each with --batch_size
+        images (the translation takes the whole batch on one device).
         FLOP are counted from the traced graphs (`utils.graph_flops`: convolutions and
         matrix products, gradients included); the machine's peak is a matrix product
         timed in the same run; the input pipeline is timed on its own.
@@ -1328,17 +1570,20 @@ class UGATIT:
         c = self.config
         floatx = keras.config.floatx()
         rng = np.random.default_rng(BENCHMARK_SEED)
-        shape = (c.batch_size, c.img_size, c.img_size, c.img_ch)
+        batch = c.batch_size * self.replicas   # --batch_size per replica
+        shape = (batch, c.img_size, c.img_size, c.img_ch)
         real_a, real_b, real_a2, real_b2 = (tf.constant(rng.uniform(-1, 1, shape), floatx)
                                             for _ in range(4))
         lr = tf.constant(c.lr, floatx)
         self.build_optimizers()
+        step_inputs = {self.d_step: [self.split_batch(x) for x in (real_a, real_b)] + [lr],
+                       self.g_step: [self.split_batch(x) for x in (real_a2, real_b2)] + [lr]}
 
         def d_update():
-            self.d_step(real_a, real_b, lr)[0]['Discriminator_loss'].numpy()
+            self.d_step(*step_inputs[self.d_step])[0]['Discriminator_loss'].numpy()
 
         def g_update():
-            self.g_step(real_a2, real_b2, lr)[0]['Generator_loss'].numpy()
+            self.g_step(*step_inputs[self.g_step])[0]['Generator_loss'].numpy()
 
         start = time.perf_counter()
         d_update(), g_update(), self.translate(real_a, 'A2B')   # warm-up: traces each once
@@ -1351,10 +1596,10 @@ class UGATIT:
         translate_times = utils.time_calls(lambda: self.translate(real_a, 'A2B'),
                                            c.benchmark_steps)
         peak_rss = utils.peak_rss_bytes()   # before the pipeline and the matmul probe
-        train_flop = sum(utils.graph_flops(step.get_concrete_function().graph, c.batch_size)
-                         for step in (self.d_step, self.g_step))
+        train_flop = sum(utils.graph_flops(step.get_concrete_function(*inputs).graph, batch)
+                         for step, inputs in step_inputs.items())
         translate_flop = utils.graph_flops(
-            self._translate['A2B'].get_concrete_function().graph, c.batch_size)
+            self._translate['A2B'].get_concrete_function().graph, batch)
         pipeline = self._benchmark_pipeline()
         peak = utils.machine_peak_gflops()
         iteration = utils.timing_summary(iteration_times)
@@ -1373,8 +1618,9 @@ class UGATIT:
             'g_update_s': utils.timing_summary(g_times)['median'],
             'translate_s': utils.timing_summary(translate_times)['median'],
             'translate_s_range': [min(translate_times), max(translate_times)],
-            'images_per_s': c.batch_size / iteration['median'],
-            'translate_images_per_s': c.batch_size / float(np.median(translate_times)),
+            'replicas': self.replicas,
+            'images_per_s': batch / iteration['median'],
+            'translate_images_per_s': batch / float(np.median(translate_times)),
             'train_iteration_gflop': train_flop / 1e9,
             'translate_gflop': translate_flop / 1e9,
             'achieved_gflops': achieved,

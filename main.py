@@ -6,6 +6,8 @@
     python main.py --dataset selfie2anime --phase eval          # KID x 100 and FID, as the paper
     python main.py --dataset selfie2anime --phase export        # a SavedModel per direction
     python main.py --phase benchmark --light True --benchmark_json bench.json
+    python main.py --dataset selfie2anime --distribute mirrored --gpus 0,1   # two GPUs
+    TF_CONFIG='{...}' python main.py --dataset selfie2anime --distribute multi_worker
 
 Every flag of the original `main.py` keeps its name and default. Booleans
 accept true/false/1/0/yes/no in any case, as `--light False`, `--light=false`,
@@ -111,6 +113,12 @@ flags.DEFINE_string('inception_weights', '', 'eval, --eval_freq: an InceptionV3 
                     'once into ~/.keras/models)')
 flags.DEFINE_integer('benchmark_steps', 5, 'benchmark: timed runs of each step (after one warm-up)')
 flags.DEFINE_string('benchmark_json', '', 'benchmark: also write the figures to this JSON file')
+flags.DEFINE_enum('distribute', 'none', ['none', 'mirrored', 'multi_worker'],
+                  'train: none (one device), mirrored (every GPU of this machine, or --gpus; '
+                  'also benchmark) or multi_worker (the machines of the TF_CONFIG environment '
+                  'variable); --batch_size is per replica')
+flags.DEFINE_string('gpus', '', '--distribute mirrored: the GPUs to use, e.g. 0,1 (default: '
+                    'every visible GPU)')
 define_bool('debug', False, 'show Python tracebacks')
 
 FLAGFILE_NAME = 'flags.txt'
@@ -173,14 +181,22 @@ def save_flagfile(config):
 
 def run(config):
     import UGATIT
-    print(' '.join(f'{f.name}={f.value}' for f in our_flags() if f.name != 'debug'), flush=True)
-    model = UGATIT.UGATIT(config)
-    for net in model.networks:
-        print(f'{net.name}: {net.count_params():,} parameters', flush=True)
+    model = UGATIT.UGATIT(config)  # first: --distribute multi_worker starts the cluster here
+    if not model.is_chief:
+        logging.set_verbosity(logging.WARNING)  # the chief reports for the whole cluster
+    else:
+        print(' '.join(f'{f.name}={f.value}' for f in our_flags() if f.name != 'debug'),
+              flush=True)
+        for net in model.networks:
+            print(f'{net.name}: {net.count_params():,} parameters', flush=True)
+        if model.distributed:
+            print(f'{model.replicas} replicas of --batch_size {config.batch_size}: '
+                  f'{model.replicas * config.batch_size} images per domain per step', flush=True)
     if config.phase == 'train':
-        counter = model.train(on_start=lambda: save_flagfile(config))
-        print(f'done: {counter - 1} steps; checkpoints in '
-              f'{os.path.join(config.checkpoint_dir, config.model_dir)}')
+        counter = model.train(on_start=(lambda: save_flagfile(config)) if model.is_chief else None)
+        if model.is_chief:
+            print(f'done: {counter - 1} steps; checkpoints in '
+                  f'{os.path.join(config.checkpoint_dir, config.model_dir)}')
     elif config.phase == 'benchmark':
         model.benchmark()
     elif config.phase == 'export':

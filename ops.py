@@ -94,9 +94,13 @@ class SpectralNormalized:
     spectral_norm = False
 
     def _add_u(self, out_dim):
+        # Under tf.distribute every replica writes the same new `u` (the kernels are mirrored);
+        # ONLY_FIRST_REPLICA makes that write legal in replica context and keeps the copies
+        # identical by construction. Without a strategy it changes nothing.
         self.u = self.add_weight(
             name='u', shape=(1, out_dim), trainable=False,
-            initializer=keras.initializers.RandomNormal(mean=0.0, stddev=1.0))
+            initializer=keras.initializers.RandomNormal(mean=0.0, stddev=1.0),
+            aggregation='only_first_replica')
 
     def _power_iteration(self):
         """(u' [1, O], v [1, rows], W as a [rows, O] matrix); u' and v are constants."""

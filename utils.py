@@ -664,11 +664,13 @@ class Progress:
     """One progress line per step: epoch, step, it/s, ETA and the losses.
 
     On a terminal the line is rewritten in place; otherwise (a log file) every
-    step prints a plain line, with no control codes.
+    step prints a plain line, with no control codes. `quiet` prints nothing (a
+    worker other than the chief of a multi-worker run).
     """
 
-    def __init__(self, total, done, stream=None):
+    def __init__(self, total, done, stream=None, quiet=False):
         self.total, self.done = total, done
+        self.quiet = quiet
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty()
         self.step_times = collections.deque(maxlen=RATE_WINDOW)
@@ -682,6 +684,8 @@ class Progress:
         self.done += 1
         seconds_per_step = sum(self.step_times) / len(self.step_times)
         eta = format_duration((self.total - self.done) * seconds_per_step)
+        if self.quiet:
+            return
         line = (f'Epoch: [{epoch:3d}] [{idx + 1:5d}/{iteration:5d}] step {self.done}/{self.total} '
                 f'{1 / max(seconds_per_step, 1e-9):6.2f} it/s ETA {eta} '
                 f'd_loss: {d_loss:.8f}, g_loss: {g_loss:.8f}')
@@ -694,6 +698,8 @@ class Progress:
 
     def note(self, message):
         """A message on its own line (does not disturb the progress line)."""
+        if self.quiet:
+            return
         self.close()
         self.stream.write(message + '\n')
         self.stream.flush()
@@ -1536,7 +1542,9 @@ def benchmark_table(figures):
     gib = lambda n: 'n/a' if n is None else f'{n / 2 ** 30:.2f} GiB'
     rows = [
         ('configuration', f"{'light' if c['light'] else 'full'}, img {c['img_size']}, ch "
-                          f"{c['ch']}, batch {c['batch_size']}, on {figures['device']}"),
+                          f"{c['ch']}, batch {c['batch_size']}"
+                          + (f" on each of {figures['replicas']} replicas"
+                             if figures.get('replicas', 1) > 1 else f", on {figures['device']}")),
         ('tracing (once per run)', f"{figures['trace_s']:.1f} s"),
         ('training iteration (D + G)', '{:.3f} s  (range {:.3f}-{:.3f})'.format(
             figures['train_iteration_s'], *figures['train_iteration_s_range'])),
