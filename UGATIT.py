@@ -1066,7 +1066,8 @@ class UGATIT:
             def dataset(context=None):
                 shard, shards = ((context.input_pipeline_id, context.num_input_pipelines)
                                  if context else (0, 1))
-                if len(files[domain]) < shards * c.batch_size:
+                # (one pipeline: utils.build_dataset checks the readable images itself)
+                if shards > 1 and len(files[domain]) < shards * c.batch_size:
                     raise UserError(f'train{domain} holds {len(files[domain])} images: {shards} '
                                     f'workers need at least {shards * c.batch_size} (one batch '
                                     'each); add images or lower --batch_size')

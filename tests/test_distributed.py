@@ -206,8 +206,8 @@ def worker_program(out, main_args):
     import UGATIT as ugatit
     train = ugatit.UGATIT.train
 
-    def train_and_save(self):
-        counter = train(self)
+    def train_and_save(self, **kwargs):
+        counter = train(self, **kwargs)
         np.savez(out, **snapshot(self))
         return counter
 
