@@ -114,6 +114,7 @@ class Config:
     benchmark_json: str = ''       # --phase benchmark: also write the figures here
     distribute: str = 'none'       # none, mirrored or multi_worker (tf.distribute)
     gpus: str = ''                 # --distribute mirrored: GPU indices such as "0,1" (default: all)
+    recompute: bool = False        # train, benchmark: gradient checkpointing of the generator blocks
 
     @property
     def model_name(self):
@@ -318,11 +319,17 @@ class Generator(keras.Model):
 
     `call(x)` returns (image in [-1, 1], cam_logit [B, 2], heatmap [B, S/4, S/4]);
     `forward(x)` returns every named activation (the reference data's keys).
+    With `recompute`, the stem, each down-sampling stage, each residual block and
+    each up-sampling stage is a gradient checkpoint (`tf.recompute_grad`): the
+    backward pass keeps only the blocks' inputs and runs each block's forward
+    again, trading about one more generator forward per update for most of the
+    activation memory. The computation is the same, so are the results.
     """
 
     def __init__(self, ch=64, n_res=4, light=False, smoothing=True, out_ch=RGB_CHANNELS,
-                 **kwargs):
+                 recompute=False, **kwargs):
         super().__init__(**kwargs)
+        self.recompute = recompute
         width = ch * 2 ** N_DOWNSAMPLE
         self.stem = ops.Conv(ch, 7, stride=1, pad=3, name='conv')
         self.stem_norm = ops.InstanceNorm(name='ins_norm')
@@ -346,23 +353,29 @@ class Generator(keras.Model):
     def build(self, input_shape):
         pass  # sub-layers build on first call, inside this model's scope
 
+    def _segment(self, fn):
+        """`fn` as a gradient checkpoint under `recompute`, else `fn` itself."""
+        return tf.recompute_grad(fn) if self.recompute else fn
+
     def forward(self, x):
         """All named activations: stem, down{i}, res{k}, cam_logit, cam_gap_logit,
         cam_gmp_logit, cam_features, heatmap, gamma, beta, adares{k}, up{i}, fake."""
         out = {}
-        x = out['stem'] = tf.nn.relu(self.stem_norm(self.stem(x)))
+        conv_norm_relu = lambda conv, norm: self._segment(lambda x: tf.nn.relu(norm(conv(x))))
+        x = out['stem'] = conv_norm_relu(self.stem, self.stem_norm)(x)
         for i, (conv, norm) in enumerate(zip(self.down, self.down_norm)):
-            x = out[f'down{i}'] = tf.nn.relu(norm(conv(x)))
+            x = out[f'down{i}'] = conv_norm_relu(conv, norm)(x)
         for k, block in enumerate(self.encoder_blocks):
-            x = out[f'res{k}'] = block(x)
+            x = out[f'res{k}'] = self._segment(block)(x)
         x, out['cam_logit'], out['heatmap'] = attend(self.cam, self.conv_1x1, tf.nn.relu, x)
         out['cam_gap_logit'], out['cam_gmp_logit'] = tf.split(out['cam_logit'], 2, axis=-1)
         out['cam_features'] = x
         gamma, beta = out['gamma'], out['beta'] = self.mlp(x)
         for k, block in enumerate(self.decoder_blocks):
-            x = out[f'adares{k}'] = block(x, gamma, beta)
+            x = out[f'adares{k}'] = self._segment(block)(x, gamma, beta)
         for i, (conv, norm) in enumerate(zip(self.up, self.up_norm)):
-            x = out[f'up{i}'] = tf.nn.relu(norm(conv(ops.up_sample(x))))
+            up_conv = lambda x, conv=conv: conv(ops.up_sample(x))
+            x = out[f'up{i}'] = conv_norm_relu(up_conv, norm)(x)
         out['fake'] = tf.tanh(self.to_image(x))
         return out
 
@@ -595,9 +608,9 @@ class UGATIT:
         self.strategy = make_strategy(c)
         out_ch = c.img_ch  # the original hard-codes 3, the only value it can train with
         with self.strategy.scope():  # variables are mirrored on every replica
-            self.gen_a2b = Generator(c.ch, c.n_res, c.light, c.smoothing, out_ch,
+            self.gen_a2b = Generator(c.ch, c.n_res, c.light, c.smoothing, out_ch, c.recompute,
                                      name='generator_B')
-            self.gen_b2a = Generator(c.ch, c.n_res, c.light, c.smoothing, out_ch,
+            self.gen_b2a = Generator(c.ch, c.n_res, c.light, c.smoothing, out_ch, c.recompute,
                                      name='generator_A')
             self.disc_a = MultiScaleDiscriminator(c.ch, c.n_dis, c.sn, name='discriminator_A')
             self.disc_b = MultiScaleDiscriminator(c.ch, c.n_dis, c.sn, name='discriminator_B')
