@@ -831,7 +831,7 @@ class UGATIT:
     def build_optimizers(self):
         """The original's two Adam optimizers (G first), with their slots created now."""
         if self.g_opt is None:
-            adam = lambda name: keras.optimizers.Adam(
+            adam = lambda name: ops.Adam(
                 learning_rate=self.config.lr, beta_1=ADAM_BETA1, beta_2=ADAM_BETA2,
                 epsilon=ADAM_EPSILON, name=name)
             with self.strategy.scope():  # slots, step counts and lr mirrored like the weights

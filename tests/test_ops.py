@@ -871,6 +871,62 @@ def test_l2_regularization():
     assert got == pytest.approx(1e-4 * sum(np.sum(np.float64(k) ** 2) / 2 for k in kernels), rel=1e-6)
 
 
+# --- Optimizer --------------------------------------------------------------------
+
+def numpy_adam(w, grads, lrs, beta1=0.5, beta2=0.999, eps=1e-8):
+    """The spec's Adam (tf.train.AdamOptimizer), step by step in float64."""
+    m, v = np.zeros_like(w), np.zeros_like(w)
+    for t, (g, lr) in enumerate(zip(grads, lrs), start=1):
+        m = m + (g - m) * (1 - beta1)
+        v = v + (g * g - v) * (1 - beta2)
+        w = w - lr * np.sqrt(1 - beta2 ** t) / (1 - beta1 ** t) * m / (np.sqrt(v) + eps)
+    return w, m, v
+
+
+@pytest.mark.parametrize('compiled', [False, True])
+def test_fused_adam_matches_the_adam_update(compiled):
+    """ops.Adam (one ResourceApplyAdam per variable) gives Adam's update: the NumPy oracle's
+    weights and slots, and Keras' own Adam's, over steps with a changing learning rate;
+    the unit-interval constraint still applies after the update."""
+    rng = np.random.default_rng(0)
+    shapes = [(4, 4, 3, 8), (8,), (1, 1, 1, 5)]
+    initial = [rng.normal(size=s).astype(np.float32) for s in shapes]
+    initial[2] = np.full(shapes[2], 0.999, np.float32)  # rho-like: the update pushes it past 1
+    grads = [[rng.normal(size=s).astype(np.float32) for s in shapes] for _ in range(3)]
+    for g in grads:
+        g[2] = np.full(shapes[2], -1.0, np.float32)
+    lrs = [1e-2, 1e-2, 5e-3]
+
+    def run(optimizer):
+        weights = [keras.Variable(w, name=f'w{i}') for i, w in enumerate(initial[:2])]
+        weights.append(keras.Variable(initial[2], name='rho'))
+        weights[2].constraint = ops.unit_interval_constraint  # as AdaLIN's add_weight sets it
+        optimizer.build(weights)
+
+        def step(g, lr):
+            optimizer.learning_rate = lr
+            optimizer.apply(g, weights)
+        step = tf.function(step, autograph=False) if compiled else step
+        for g, lr in zip(grads, lrs):
+            step([tf.constant(x) for x in g], tf.constant(lr))
+        return weights, optimizer
+
+    adam = lambda cls: cls(learning_rate=1e-2, beta_1=0.5, beta_2=0.999, epsilon=1e-8)
+    fused, fused_opt = run(adam(ops.Adam))
+    plain, _ = run(adam(keras.optimizers.Adam))
+    assert int(fused_opt.iterations.numpy()) == len(lrs)
+    for i in range(2):
+        w, m, v = numpy_adam(initial[i].astype(np.float64), [g[i] for g in grads], lrs)
+        np.testing.assert_allclose(fused[i].numpy(), w, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(fused_opt._momentums[i].numpy(), m, rtol=1e-5, atol=1e-7)
+        # 1 − β2 = 0.001 is inexact in float32: v is 1e-5-relative off the float64 oracle
+        np.testing.assert_allclose(fused_opt._velocities[i].numpy(), v, rtol=5e-5, atol=1e-9)
+        # Keras computes lr·√(1 − β2ᵗ)/(1 − β1ᵗ) in another order: a few float32 ulps apart
+        np.testing.assert_allclose(fused[i].numpy(), plain[i].numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(fused[2].numpy(), 1.0)  # pushed past 1, then clipped
+    np.testing.assert_array_equal(plain[2].numpy(), 1.0)
+
+
 # --- Metrics: KID and FID against NumPy/SciPy oracles -------------------------------------
 
 def np_cubic_kernel(x, y):
