@@ -542,6 +542,12 @@ def _flag_value(value):
 
 # --- Evaluation: the paper's KID and FID ---------------------------------------------
 
+def halves(outputs):
+    """[x [2B, ...], ...] -> ([x[:B], ...], [x[B:], ...]): a batched call's two parts."""
+    pairs = [tf.split(x, 2, axis=0) for x in outputs]
+    return [first for first, _ in pairs], [second for _, second in pairs]
+
+
 def kid_and_fid(real, fake):
     """The paper's figures between real [N_r, 2048] and translated [N_f, 2048] features:
     {'kid_x100_mean', 'kid_x100_std' (None with a single KID block), 'fid', 'n_translated',
@@ -739,8 +745,13 @@ class UGATIT:
     def _discriminator_term(self, disc, real, fake, alpha=None, eps=None):
         """D_ad for one domain: GAN terms on (real, fake) logits and CAM logits, plus GPs."""
         c = self.config
-        real_logit, real_cam = disc(real)
-        fake_logit, fake_cam = disc(fake)
+        # One call on [real; fake]: every critic op is per image (no batch statistics), so
+        # this is the original's two calls, but each spectrally normalised kernel is formed
+        # and kept for the backward pass once, and the deep layers' small maps make
+        # better matrix products at twice the batch.
+        logits, cams = disc(tf.concat([real, fake], axis=0))
+        real_logit, fake_logit = halves(logits)
+        real_cam, fake_cam = halves(cams)
         loss = (ops.discriminator_loss(c.gan_type, real_logit, fake_logit)
                 + ops.discriminator_loss(c.gan_type, real_cam, fake_cam))
         if ops.has_gradient_penalty(c.gan_type):

@@ -1517,6 +1517,29 @@ def machine_peak_gflops(device=None):
     return 2 * n ** 3 / np.median(seconds) / 1e9
 
 
+GLIBC_M_ARENA_MAX = -8   # mallopt()'s parameter number for MALLOC_ARENA_MAX (malloc.h)
+MALLOC_ARENAS = 2         # one per core of a small machine; glibc's default is 8 per core
+
+
+def limit_malloc_arenas(arenas=MALLOC_ARENAS):
+    """Caps glibc's malloc arenas, as MALLOC_ARENA_MAX does (unless that is set).
+
+    TensorFlow's worker threads otherwise allocate from up to 8 arenas per core,
+    and the freed activations of one step stay resident in them as fragments that
+    the next step, running on other threads, does not reuse: at 256 px the
+    process's peak grows by ~1 GB. Returns True when the cap is set; a no-op
+    elsewhere than glibc (macOS, musl).
+    """
+    if os.environ.get('MALLOC_ARENA_MAX') or not sys.platform.startswith('linux'):
+        return False
+    import ctypes
+    try:
+        libc = ctypes.CDLL('libc.so.6')
+        return bool(libc.mallopt(GLIBC_M_ARENA_MAX, arenas))
+    except (OSError, AttributeError):
+        return False
+
+
 def peak_rss_bytes():
     """The process's peak resident memory so far (bytes)."""
     import resource

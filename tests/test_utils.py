@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 
 import cv2
 import numpy as np
@@ -743,6 +744,14 @@ def test_graph_flops_counts_convolutions_matmuls_and_their_gradients():
 def test_timing_summary_and_peak_rss():
     assert utils.timing_summary([3.0, 1.0, 2.0, 10.0]) == {'median': 2.5, 'min': 1.0, 'max': 10.0}
     assert utils.peak_rss_bytes() > 10 * 2 ** 20   # this process holds TensorFlow
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc only')
+def test_limit_malloc_arenas_sets_the_cap_unless_the_user_did(monkeypatch):
+    monkeypatch.delenv('MALLOC_ARENA_MAX', raising=False)
+    assert utils.limit_malloc_arenas() is True        # glibc accepted mallopt(M_ARENA_MAX, 2)
+    monkeypatch.setenv('MALLOC_ARENA_MAX', '4')
+    assert utils.limit_malloc_arenas() is False       # the user's own setting stands
 
 
 def test_demo_score_on_real_and_swapped_images(demo_root, tmp_path):
