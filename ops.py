@@ -292,9 +292,13 @@ class Float32Statistics(keras.layers.Layer):
     """
 
     def __init__(self, **kwargs):
+        policy = keras.dtype_policies.get(kwargs.get('dtype') or keras.config.dtype_policy())
+        if policy.compute_dtype != policy.variable_dtype:
+            # A full-precision policy without autocast: the variables read as float32 in
+            # any scope (also when tf.recompute_grad re-runs the layer outside the model's),
+            # and the input is not cast (`call` upcasts it and casts the result back).
+            kwargs.update(dtype=policy.variable_dtype, autocast=False)
         super().__init__(**kwargs)
-        if is_mixed(self):
-            self.autocast = False
 
 
 class InstanceNorm(Float32Statistics):
