@@ -8,6 +8,7 @@ the original scopes, so every variable's `.path` is the original's variable
 name (`generator_B/conv_0/conv2d/kernel`, `discriminator_A/global/conv_last/u`).
 """
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -64,6 +65,9 @@ TF_CONFIG_ENV = 'TF_CONFIG'
 WORKER_TASK_TYPES = ('chief', 'worker')   # the TF_CONFIG task types that train
 N_DOMAINS = 2                             # A and B: one input stream each
 WORKER_SCRATCH = 'worker-{task_id}'       # a non-chief worker's throw-away checkpoint folder
+# --mixed_precision: the Keras dtype policy of the networks (variables stay float32).
+MIXED_PRECISION_POLICIES = {'none': None, 'float16': 'mixed_float16',
+                            'bfloat16': 'mixed_bfloat16'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +119,8 @@ class Config:
     distribute: str = 'none'       # none, mirrored or multi_worker (tf.distribute)
     gpus: str = ''                 # --distribute mirrored: GPU indices such as "0,1" (default: all)
     recompute: bool = False        # train, benchmark: gradient checkpointing of the generator blocks
+    xla: bool = False              # jit_compile the training steps and the translation (XLA)
+    mixed_precision: str = 'none'  # none, float16 or bfloat16 compute (variables stay float32)
 
     @property
     def model_name(self):
@@ -165,6 +171,9 @@ class Config:
                 raise UserError(f'--{name} works only with --input: add --input PATH (an image '
                                 'file or a folder)')
         self._validate_distribute()
+        if self.mixed_precision not in MIXED_PRECISION_POLICIES:
+            raise UserError(f'--mixed_precision must be one of '
+                            f'{", ".join(MIXED_PRECISION_POLICIES)}, got {self.mixed_precision!r}')
         if self.gan_type not in ops.GAN_TYPES:
             raise UserError(f'--gan_type {self.gan_type!r} is unknown: use one of '
                             f'{", ".join(ops.GAN_TYPES)}')
@@ -200,6 +209,23 @@ class Config:
                                 f'{self.gpus!r}')
         if self.distribute == 'multi_worker':
             tf_config_task()
+
+
+@contextlib.contextmanager
+def dtype_policy_scope(mixed_precision):
+    """Layers made inside take the Keras dtype policy of `--mixed_precision` (`none`: the
+    global policy, untouched); the global policy is restored on exit, so the setting
+    never leaks into models made later in the process."""
+    policy = MIXED_PRECISION_POLICIES[mixed_precision]
+    if policy is None:
+        yield
+        return
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 
 def tf_config_task():
@@ -308,10 +334,20 @@ class GammaBetaMLP(keras.layers.Layer):
 
 
 def attend(cam, conv_1x1, activation, x):
-    """The CAM block shared by G and D: x [B,h,w,C] -> (features [B,h,w,C'], cam_logit [B,2], heatmap [B,h,w])."""
+    """The CAM block shared by G and D: x [B,h,w,C] -> (features [B,h,w,C'], cam_logit [B,2], heatmap [B,h,w]).
+
+    Under mixed precision the classifier runs in full precision (its layer's policy)
+    and the heat-map is summed in it too; the features stay in the compute dtype.
+    """
     attended, cam_logit = cam(x)
     features = activation(conv_1x1(attended))
-    return features, cam_logit, tf.reduce_sum(features, axis=-1)
+    heat = features if features.dtype == cam_logit.dtype else tf.cast(features, cam_logit.dtype)
+    return features, cam_logit, tf.reduce_sum(heat, axis=-1)
+
+
+def to_compute_dtype(layer, x):
+    """The network entry: `x` in `layer`'s compute dtype (no op without mixed precision)."""
+    return x if x.dtype == layer.compute_dtype else tf.cast(x, layer.compute_dtype)
 
 
 class Generator(keras.Model):
@@ -327,9 +363,11 @@ class Generator(keras.Model):
     """
 
     def __init__(self, ch=64, n_res=4, light=False, smoothing=True, out_ch=RGB_CHANNELS,
-                 recompute=False, **kwargs):
+                 recompute=False, xla=False, **kwargs):
         super().__init__(**kwargs)
-        self.recompute = recompute
+        self.recompute, self.xla = recompute, xla
+        # Under a mixed policy the CAM classifier and the output conv keep full precision.
+        full = self.dtype_policy.variable_dtype
         width = ch * 2 ** N_DOWNSAMPLE
         self.stem = ops.Conv(ch, 7, stride=1, pad=3, name='conv')
         self.stem_norm = ops.InstanceNorm(name='ins_norm')
@@ -339,7 +377,7 @@ class Generator(keras.Model):
         self.encoder_blocks = [
             ops.ResidualBlock(width, lambda: ops.InstanceNorm(name='instance_norm'),
                               name=f'resblock_{i}') for i in range(n_res)]
-        self.cam = ops.CAMClassifier(name='CAM_logit')
+        self.cam = ops.CAMClassifier(name='CAM_logit', dtype=full)
         self.conv_1x1 = ops.Conv(width, 1, stride=1, name='conv_1x1')
         self.mlp = GammaBetaMLP(width, light, name='MLP')
         self.decoder_blocks = [
@@ -348,7 +386,7 @@ class Generator(keras.Model):
         self.up = [ops.Conv(width // 2 ** (i + 1), 3, stride=1, pad=1, name=f'up_conv_{i}')
                    for i in range(N_DOWNSAMPLE)]
         self.up_norm = [ops.LIN(name=f'layer_ins_norm_{i}') for i in range(N_DOWNSAMPLE)]
-        self.to_image = ops.Conv(out_ch, 7, stride=1, pad=3, name='G_logit')
+        self.to_image = ops.Conv(out_ch, 7, stride=1, pad=3, name='G_logit', dtype=full)
 
     def build(self, input_shape):
         pass  # sub-layers build on first call, inside this model's scope
@@ -361,6 +399,7 @@ class Generator(keras.Model):
         """All named activations: stem, down{i}, res{k}, cam_logit, cam_gap_logit,
         cam_gmp_logit, cam_features, heatmap, gamma, beta, adares{k}, up{i}, fake."""
         out = {}
+        x = to_compute_dtype(self, x)
         conv_norm_relu = lambda conv, norm: self._segment(lambda x: tf.nn.relu(norm(conv(x))))
         x = out['stem'] = conv_norm_relu(self.stem, self.stem_norm)(x)
         for i, (conv, norm) in enumerate(zip(self.down, self.down_norm)):
@@ -374,7 +413,7 @@ class Generator(keras.Model):
         for k, block in enumerate(self.decoder_blocks):
             x = out[f'adares{k}'] = self._segment(block)(x, gamma, beta)
         for i, (conv, norm) in enumerate(zip(self.up, self.up_norm)):
-            up_conv = lambda x, conv=conv: conv(ops.up_sample(x))
+            up_conv = lambda x, conv=conv: conv(ops.up_sample(x, duplicate=self.xla))
             x = out[f'up{i}'] = conv_norm_relu(up_conv, norm)(x)
         out['fake'] = tf.tanh(self.to_image(x))
         return out
@@ -395,13 +434,15 @@ class Discriminator(keras.layers.Layer):
 
     def __init__(self, ch, n_downsample, sn=True, **kwargs):
         super().__init__(**kwargs)
+        full = self.dtype_policy.variable_dtype  # the CAM classifier and D_logit (see Generator)
         self.down = [ops.Conv(ch * 2 ** i, 4, stride=2, pad=1, spectral_norm=sn, name=f'conv_{i}')
                      for i in range(n_downsample)]
         channels = ch * 2 ** n_downsample
         self.conv_last = ops.Conv(channels, 4, stride=1, pad=1, spectral_norm=sn, name='conv_last')
-        self.cam = ops.CAMClassifier(spectral_norm=sn, name='CAM_logit')
+        self.cam = ops.CAMClassifier(spectral_norm=sn, name='CAM_logit', dtype=full)
         self.conv_1x1 = ops.Conv(channels, 1, stride=1, name='conv_1x1')
-        self.to_logit = ops.Conv(1, 4, stride=1, pad=1, spectral_norm=sn, name='D_logit')
+        self.to_logit = ops.Conv(1, 4, stride=1, pad=1, spectral_norm=sn, name='D_logit',
+                                 dtype=full)
 
     def build(self, input_shape):
         pass  # sub-layers build on first call, inside this layer's scope
@@ -412,6 +453,7 @@ class Discriminator(keras.layers.Layer):
 
     def forward(self, x):
         """Named activations: features, cam_features, cam_logit, heatmap, logit."""
+        x = to_compute_dtype(self, x)
         for conv in self.down:
             x = self._lrelu(conv(x))
         x = features = self._lrelu(self.conv_last(x))
@@ -613,11 +655,12 @@ class UGATIT:
         # First: MultiWorkerMirroredStrategy must exist before TensorFlow runs anything.
         self.strategy = make_strategy(c)
         out_ch = c.img_ch  # the original hard-codes 3, the only value it can train with
-        with self.strategy.scope():  # variables are mirrored on every replica
+        # Variables are mirrored on every replica; --mixed_precision sets the layers' policy.
+        with self.strategy.scope(), dtype_policy_scope(c.mixed_precision):
             self.gen_a2b = Generator(c.ch, c.n_res, c.light, c.smoothing, out_ch, c.recompute,
-                                     name='generator_B')
+                                     c.xla, name='generator_B')
             self.gen_b2a = Generator(c.ch, c.n_res, c.light, c.smoothing, out_ch, c.recompute,
-                                     name='generator_A')
+                                     c.xla, name='generator_A')
             self.disc_a = MultiScaleDiscriminator(c.ch, c.n_dis, c.sn, name='discriminator_A')
             self.disc_b = MultiScaleDiscriminator(c.ch, c.n_dis, c.sn, name='discriminator_B')
             # Draws the gradient penalties' noise; its state goes into every checkpoint.
@@ -632,17 +675,24 @@ class UGATIT:
         if self.distributed:
             # Inputs are per-replica values (`split_batch`, `_training_streams`), which a
             # TensorSpec signature cannot describe; their shapes are fixed within a run.
-            self.d_step = tf.function(self._replicated(self._d_update), autograph=False)
-            self.g_step = tf.function(self._replicated(self._g_update), autograph=False)
+            self.d_step = tf.function(self._replicated(self._d_update), autograph=False,
+                                      jit_compile=self.jit_compile)
+            self.g_step = tf.function(self._replicated(self._g_update), autograph=False,
+                                      jit_compile=self.jit_compile)
         else:
             dtype = keras.config.floatx()  # float32; float64 in the exactness tests
             image = tf.TensorSpec([None, c.img_size, c.img_size, c.img_ch], dtype)
             scalar = tf.TensorSpec([], dtype)
             # One graph each for the whole run (any batch size).
             self.d_step = tf.function(self._d_update, input_signature=[image, image, scalar],
-                                      autograph=False)
+                                      autograph=False, jit_compile=self.jit_compile)
             self.g_step = tf.function(self._g_update, input_signature=[image, image, scalar],
-                                      autograph=False)
+                                      autograph=False, jit_compile=self.jit_compile)
+
+    @property
+    def jit_compile(self):
+        """tf.function's jit_compile: True under --xla, else None (TensorFlow's default)."""
+        return True if self.config.xla else None
 
     # -- distribution --
 
@@ -840,16 +890,30 @@ class UGATIT:
         return [v for net in self.discriminators for v in net.trainable_weights]
 
     def build_optimizers(self):
-        """The original's two Adam optimizers (G first), with their slots created now."""
+        """The original's two Adam optimizers (G first), with their slots created now.
+
+        With --mixed_precision float16 each is wrapped in a `LossScaleOptimizer` (dynamic
+        loss scaling: float16 gradients would underflow); `adam(opt)` is the Adam inside,
+        whose slots are float32 and named as without the wrapper.
+        """
         if self.g_opt is None:
-            adam = lambda name: ops.Adam(
-                learning_rate=self.config.lr, beta_1=ADAM_BETA1, beta_2=ADAM_BETA2,
-                epsilon=ADAM_EPSILON, name=name)
+            def adam(name):
+                opt = ops.Adam(
+                    learning_rate=self.config.lr, beta_1=ADAM_BETA1, beta_2=ADAM_BETA2,
+                    epsilon=ADAM_EPSILON, name=name)
+                if self.config.mixed_precision == 'float16':
+                    opt = keras.optimizers.LossScaleOptimizer(opt, name=f'{name}_loss_scale')
+                return opt
             with self.strategy.scope():  # slots, step counts and lr mirrored like the weights
                 self.g_opt, self.d_opt = adam('G_Adam'), adam('D_Adam')
                 self.g_opt.build(self.g_vars)
                 self.d_opt.build(self.d_vars)
         return self.g_opt, self.d_opt
+
+    @staticmethod
+    def adam(optimizer):
+        """The Adam optimizer itself: inside the float16 loss-scale wrapper, or `optimizer`."""
+        return getattr(optimizer, 'inner_optimizer', optimizer)
 
     def learning_rate(self, epoch):
         """The original's per-epoch linear decay: lr until decay_epoch, then down towards 0."""
@@ -882,6 +946,8 @@ class UGATIT:
                     # (Keras' TF optimizer all-reduces them): 1/N makes that sum the
                     # gradient of the mean over all N·b images, L2 counted once.
                     objective = objective / self.replicas
+                if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+                    objective = optimizer.scale_loss(objective)  # `apply` unscales
             grads = tape.gradient(objective, variables)
             optimizer.learning_rate = lr
             optimizer.apply(grads, variables)
@@ -905,6 +971,7 @@ class UGATIT:
         """{original name: variable} of the Adam slots: `<var>/Adam` (m), `<var>/Adam_1` (v)."""
         state = {}
         for opt, variables in ((self.g_opt, self.g_vars), (self.d_opt, self.d_vars)):
+            opt = self.adam(opt)
             for var in variables:
                 index = opt._get_variable_index(var)
                 state[var.path + '/Adam'] = opt._momentums[index]
@@ -1286,7 +1353,8 @@ class UGATIT:
             spec = tf.TensorSpec([None, self.config.img_size, self.config.img_size,
                                   self.config.img_ch], keras.config.floatx())
             self._translate = {
-                name: tf.function(lambda x, g=gen: g(x)[::2], input_signature=[spec])
+                name: tf.function(lambda x, g=gen: g(x)[::2], input_signature=[spec],
+                                  jit_compile=self.jit_compile)
                 for name, gen in (('A2B', self.gen_a2b), ('B2A', self.gen_b2a))}
         fake, heatmap = self._translate[direction](images)
         return fake.numpy(), heatmap.numpy()

@@ -37,6 +37,22 @@ GAN_TYPES = ('lsgan', 'gan', 'hinge', 'wgan', 'wgan-gp', 'wgan-lp', 'dragan')
 DRAGAN_NOISE_SCALE = 0.5
 
 
+# Mixed precision (--mixed_precision): the compute dtypes that are upcast to float32 for the
+# statistics of the norms and the spectral norm. float32 and float64 (the exactness tests)
+# are left as they are, so their graphs do not change.
+LOW_PRECISION = (tf.float16, tf.bfloat16)
+
+
+def at_least_float32(x):
+    """`x` cast to float32 when it is float16 or bfloat16, else `x` itself (no op)."""
+    return tf.cast(x, tf.float32) if tf.as_dtype(x.dtype) in LOW_PRECISION else x
+
+
+def is_mixed(layer):
+    """True when `layer` has a mixed dtype policy (variables float32, compute lower)."""
+    return layer.compute_dtype != layer.variable_dtype
+
+
 def weight_initializer():
     """N(0, 0.02²), the original's initialiser for every conv and dense kernel."""
     return keras.initializers.RandomNormal(mean=0.0, stddev=WEIGHT_INIT_STDDEV)
@@ -169,7 +185,11 @@ class Conv(SpectralNormalized, keras.layers.Layer):
         if not spectral_norm:
             self.conv2d = keras.layers.Conv2D(
                 filters, kernel_size, strides=stride, padding='valid', use_bias=use_bias,
-                kernel_initializer=weight_initializer(), name='conv2d')
+                kernel_initializer=weight_initializer(), name='conv2d', dtype=self.dtype_policy)
+        elif is_mixed(self):
+            # Mixed precision: the power iteration and σ read the float32 variables (no
+            # autocast); only the convolution runs in the compute dtype (see `call`).
+            self.autocast = False
 
     def build(self, input_shape):
         if self.spectral_norm:
@@ -186,8 +206,12 @@ class Conv(SpectralNormalized, keras.layers.Layer):
         x = pad2d(x, self.padding, self.pad_type)
         if not self.spectral_norm:
             return self.conv2d(x)
-        x = tf.nn.conv2d(x, self.effective_kernel(), strides=self.stride, padding='VALID')
-        return tf.nn.bias_add(x, self.bias) if self.use_bias else x
+        kernel, bias = self.effective_kernel(), self.bias if self.use_bias else None
+        if is_mixed(self):
+            x, kernel = tf.cast(x, self.compute_dtype), tf.cast(kernel, self.compute_dtype)
+            bias = tf.cast(bias, self.compute_dtype) if self.use_bias else None
+        x = tf.nn.conv2d(x, kernel, strides=self.stride, padding='VALID')
+        return tf.nn.bias_add(x, bias) if self.use_bias else x
 
 
 class FullyConnected(keras.layers.Layer):
@@ -201,7 +225,8 @@ class FullyConnected(keras.layers.Layer):
     def __init__(self, units, use_bias=True, **kwargs):
         super().__init__(**kwargs)
         self.dense = keras.layers.Dense(units, use_bias=use_bias,
-                                        kernel_initializer=weight_initializer(), name='dense')
+                                        kernel_initializer=weight_initializer(), name='dense',
+                                        dtype=self.dtype_policy)
 
     def build(self, input_shape):
         pass  # the dense sub-layer builds on first call, inside this layer's scope
@@ -258,7 +283,25 @@ def _instance_layer_mix(x, rho):
     return rho * x_ins + (1 - rho) * x_ln
 
 
-class InstanceNorm(keras.layers.Layer):
+class Float32Statistics(keras.layers.Layer):
+    """Base of the norms: under a mixed dtype policy they compute in float32.
+
+    The input arrives in the compute dtype (float16/bfloat16) and the output leaves in
+    it, but the means, variances, the normalisation and the affine map are float32, from
+    the float32 variables (no autocast). Without mixed precision this changes nothing.
+    """
+
+    def __init__(self, **kwargs):
+        policy = keras.dtype_policies.get(kwargs.get('dtype') or keras.config.dtype_policy())
+        if policy.compute_dtype != policy.variable_dtype:
+            # A full-precision policy without autocast: the variables read as float32 in
+            # any scope (also when tf.recompute_grad re-runs the layer outside the model's),
+            # and the input is not cast (`call` upcasts it and casts the result back).
+            kwargs.update(dtype=policy.variable_dtype, autocast=False)
+        super().__init__(**kwargs)
+
+
+class InstanceNorm(Float32Statistics):
     """contrib `instance_norm(epsilon=1e-5)`: [B,H,W,C] -> [B,H,W,C].
 
     Variables `beta` [C] (0) then `gamma` [C] (1). Computed through
@@ -271,11 +314,13 @@ class InstanceNorm(keras.layers.Layer):
         self.gamma = self.add_weight(name='gamma', shape=(channels,), initializer='ones')
 
     def call(self, x):
+        dtype, x = x.dtype, at_least_float32(x)
         mean, var = _moments(x, [1, 2])
-        return tf.nn.batch_normalization(x, mean, var, self.beta, self.gamma, NORM_EPSILON)
+        x = tf.nn.batch_normalization(x, mean, var, self.beta, self.gamma, NORM_EPSILON)
+        return tf.cast(x, dtype)
 
 
-class AdaLIN(keras.layers.Layer):
+class AdaLIN(Float32Statistics):
     """Adaptive instance-layer norm: (ρ·IN(x) + (1−ρ)·LN(x))·γ + β.
 
     call(x [B,H,W,C], gamma [B,1,1,C], beta [B,1,1,C]) -> [B,H,W,C]; γ and β
@@ -294,13 +339,15 @@ class AdaLIN(keras.layers.Layer):
                                    constraint=unit_interval_constraint)
 
     def call(self, x, gamma, beta):
+        dtype = x.dtype
+        x, gamma, beta = (at_least_float32(t) for t in (x, gamma, beta))
         rho = self.rho
         if self.smoothing:
             rho = tf.clip_by_value(rho - RHO_SMOOTHING, 0.0, 1.0)
-        return _instance_layer_mix(x, rho) * gamma + beta
+        return tf.cast(_instance_layer_mix(x, rho) * gamma + beta, dtype)
 
 
-class LIN(keras.layers.Layer):
+class LIN(Float32Statistics):
     """Layer-instance norm of the decoder: (ρ·IN(x) + (1−ρ)·LN(x))·gamma + beta.
 
     [B,H,W,C] -> [B,H,W,C]. Variables, in the original's order: `rho` [C]
@@ -315,7 +362,8 @@ class LIN(keras.layers.Layer):
         self.beta = self.add_weight(name='beta', shape=(channels,), initializer='zeros')
 
     def call(self, x):
-        return _instance_layer_mix(x, self.rho) * self.gamma + self.beta
+        dtype, x = x.dtype, at_least_float32(x)
+        return tf.cast(_instance_layer_mix(x, self.rho) * self.gamma + self.beta, dtype)
 
 
 # --- Blocks -----------------------------------------------------------------
@@ -362,12 +410,19 @@ class ResidualBlock(keras.layers.Layer):
         return x + self.res2(y, gamma, beta)
 
 
-def up_sample(x, scale=2):
+def up_sample(x, scale=2, duplicate=False):
     """Nearest-neighbour up-sampling by pixel duplication: [B,H,W,C] -> [B,sH,sW,C].
 
     The original's `resize_nearest_neighbor` (no align_corners, no half-pixel
-    centres) at an integer factor.
+    centres) at an integer factor. With `duplicate`, the same values by a broadcast and
+    a reshape: XLA on CPU has no kernel for ResizeNearestNeighborGrad (--xla); the
+    gradient then sums each s×s block in another order (float round-off).
     """
+    if duplicate:
+        shape = tf.shape(x)
+        tiled = tf.broadcast_to(x[:, :, None, :, None, :],
+                                [shape[0], shape[1], scale, shape[2], scale, shape[3]])
+        return tf.reshape(tiled, [shape[0], shape[1] * scale, shape[2] * scale, shape[3]])
     shape = tf.shape(x)
     return tf.raw_ops.ResizeNearestNeighbor(
         images=x, size=tf.stack([shape[1] * scale, shape[2] * scale]),

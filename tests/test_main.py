@@ -375,6 +375,31 @@ def test_debug_takes_the_same_boolean_words(parse):
     assert FLAGS.debug is True
 
 
+@pytest.mark.parametrize('args, want', [
+    ([], {'xla': False, 'mixed_precision': 'none'}),
+    (['--xla', 'True'], {'xla': True, 'mixed_precision': 'none'}),
+    (['--mixed_precision', 'bfloat16'], {'xla': False, 'mixed_precision': 'bfloat16'}),
+    (['--xla=yes', '--mixed_precision', 'float16'], {'xla': True, 'mixed_precision': 'float16'}),
+])
+def test_xla_and_mixed_precision_flags_reach_the_config(parse, args, want):
+    """--xla (a strict boolean) and --mixed_precision (none|float16|bfloat16) map onto Config
+    fields of the same names; both are off by default."""
+    parse(*args)
+    config = main.make_config()
+    config.validate()
+    assert {name: getattr(config, name) for name in want} == want
+
+
+@pytest.mark.parametrize('args', [['--mixed_precision', 'float8'], ['--mixed_precision', 'fp16'],
+                                  ['--xla', 'maybe']])
+def test_bad_xla_or_mixed_precision_exits_2_with_one_line(parse, capsys, args):
+    """An unknown precision or a non-boolean --xla: exit 2, one `error:` line naming the flag."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse(*args)
+    assert exit_info.value.code == 2
+    assert args[0].lstrip('-') in assert_one_error_line(capsys.readouterr().err)
+
+
 # --- 2. command-line errors -------------------------------------------------------------
 
 def run_main(tmp_path, *args):

@@ -898,3 +898,121 @@ def test_recompute_gives_the_same_losses_and_gradients(build):
     flop = lambda step: utils.graph_flops(
         step.get_concrete_function(real_a, real_b).graph, real_a.shape[0])
     assert flop(recompute_step) > 1.2 * flop(plain_step)
+
+
+# --- 10. XLA and mixed precision (--xla, --mixed_precision) --------------------------------
+
+# Measured on the `small` model (relative to the float32 losses of the same weights and
+# inputs, largest over the D and G step's terms): xla 5e-7, float16 4e-5, bfloat16 4e-4.
+# The tolerances leave a margin of 10-20 and are still far below any change of the model.
+PRECISION_VARIANTS = {
+    'xla': ({'xla': True}, 1e-5),
+    'float16': ({'mixed_precision': 'float16'}, 1e-3),
+    'bfloat16': ({'mixed_precision': 'bfloat16'}, 5e-3),
+}
+PRECISION_LR = 2e-4   # not Config.lr: the steps must assign it (through the loss-scale wrapper)
+
+
+def run_steps(model):
+    """One D step then one G step at PRECISION_LR: {loss name: float}."""
+    c = CONFIGS['small']
+    lr = tf.constant(PRECISION_LR)
+    d_losses, _ = model.d_step(random_images(c, 2, seed=1), random_images(c, 2, seed=2), lr)
+    g_losses, _ = model.g_step(random_images(c, 2, seed=3), random_images(c, 2, seed=4), lr)
+    for losses in (d_losses, g_losses):
+        assert all(v.dtype == tf.float32 for v in losses.values())
+    return {k: float(v) for k, v in {**d_losses, **g_losses}.items()}
+
+
+@pytest.fixture(scope='module')
+def precision_models():
+    """models(key) -> (model, losses of run_steps) for 'float32' and PRECISION_VARIANTS, each
+    from the same initial weights (seed 5); built and stepped once per module."""
+    cache = {}
+
+    def get(key):
+        if key not in cache:
+            overrides = {} if key == 'float32' else PRECISION_VARIANTS[key][0]
+            keras.utils.set_random_seed(5)
+            model = ugatit.UGATIT(dataclasses.replace(CONFIGS['small'], **overrides))
+            model.build_optimizers()
+            if key != 'float32':
+                initial = get('float32')[2]
+                for name, var in model.variables_by_name().items():
+                    var.assign(initial[name])
+            start = values(model)
+            cache[key] = (model, run_steps(model), start)
+        return cache[key]
+    return get
+
+
+@pytest.mark.parametrize('key', sorted(PRECISION_VARIANTS))
+def test_xla_and_mixed_precision_steps_match_float32(precision_models, key):
+    """Under --xla, --mixed_precision float16 and bfloat16, the D and G steps run, their losses
+    are finite and close to float32's from the same weights and inputs; every variable and
+    Adam slot stays float32 under the same name; the global dtype policy is untouched after
+    the model is built; the learning rate reaches Adam (inside float16's loss-scale wrapper);
+    and a mixed model really computes its convolutions in the low precision."""
+    reference_model, reference, _ = precision_models('float32')
+    model, losses, _ = precision_models(key)
+    assert keras.config.dtype_policy().name == keras.config.floatx()
+    assert losses.keys() == reference.keys()
+    assert all(np.isfinite(v) for v in losses.values()), losses
+    rtol = PRECISION_VARIANTS[key][1]
+    for name in reference:
+        np.testing.assert_allclose(losses[name], reference[name], rtol=rtol, err_msg=name)
+    assert list(model.variables_by_name()) == list(reference_model.variables_by_name())
+    assert list(model.optimizer_state_by_name()) == list(reference_model.optimizer_state_by_name())
+    for name, var in {**model.variables_by_name(), **model.optimizer_state_by_name()}.items():
+        assert var.dtype == 'float32', name
+    for opt in (model.g_opt, model.d_opt):
+        wrapped = isinstance(opt, keras.optimizers.LossScaleOptimizer)
+        assert wrapped == (key == 'float16')
+        assert np.isclose(float(model.adam(opt).learning_rate), PRECISION_LR)
+        if wrapped:  # dynamic loss scaling: an overflowing step is skipped, its scale halved
+            assert (int(opt.iterations.numpy()) == 1
+                    or float(opt.dynamic_scale.numpy()) == opt.initial_scale / 2)
+        else:
+            assert int(opt.iterations.numpy()) == 1
+    if key in ('float16', 'bfloat16'):
+        graph = model.g_step.get_concrete_function().graph
+        conv_dtypes = {op.outputs[0].dtype.name for op in graph.get_operations()
+                       if op.type == 'Conv2D'}
+        assert conv_dtypes == {key, 'float32'}  # float32: the output conv G_logit, D_logit
+
+
+def test_translate_under_xla_and_mixed_precision(precision_models):
+    """The compiled translation returns float32 images and heat-maps close to float32's."""
+    c = CONFIGS['small']
+    images = random_images(c, 2, seed=9)
+    for key in sorted(PRECISION_VARIANTS):
+        reference_model = precision_models('float32')[0]
+        model = precision_models(key)[0]
+        for name, var in reference_model.variables_by_name().items():
+            var.assign(values(model)[name])   # both at the variant's weights
+        fake, heat = model.translate(images, 'A2B')
+        fake_ref, heat_ref = reference_model.translate(images, 'A2B')
+        assert fake.dtype == heat.dtype == np.float32
+        atol = {'xla': 1e-5, 'float16': 5e-3, 'bfloat16': 5e-2}[key]
+        np.testing.assert_allclose(fake, fake_ref, atol=atol, err_msg=key)
+        np.testing.assert_allclose(heat, heat_ref, atol=atol * float(np.abs(heat_ref).max()),
+                                   err_msg=key)
+
+
+@pytest.mark.parametrize('saver, loader', [('float16', 'float32'), ('float32', 'bfloat16')])
+def test_checkpoints_move_between_precisions(precision_models, tmp_path, saver, loader):
+    """A training checkpoint written under mixed precision loads into a float32 model and
+    vice versa: the same keys, and every weight, Adam slot and step count restored exactly."""
+    source = precision_models(saver)[0]
+    prefix = source.save_checkpoint(str(tmp_path), 2)
+    keras.utils.set_random_seed(6)
+    overrides = {} if loader == 'float32' else {'mixed_precision': loader}
+    target = ugatit.UGATIT(dataclasses.replace(CONFIGS['small'], **overrides))
+    target.build_optimizers()
+    assert set(target.checkpoint_state(2)) == set(source.checkpoint_state(2))
+    target.load_checkpoint(prefix, optimizers=True)
+    assert_same(values(target), values(source))
+    assert_same({n: v.numpy() for n, v in target.optimizer_state_by_name().items()},
+                {n: v.numpy() for n, v in source.optimizer_state_by_name().items()})
+    for opt, opt_source in ((target.g_opt, source.g_opt), (target.d_opt, source.d_opt)):
+        assert int(opt.iterations.numpy()) == int(opt_source.iterations.numpy())
