@@ -1689,10 +1689,14 @@ class UGATIT:
         translate_times = utils.time_calls(lambda: self.translate(real_a, 'A2B'),
                                            c.benchmark_steps)
         peak_rss = utils.peak_rss_bytes()   # before the pipeline and the matmul probe
-        train_flop = sum(utils.graph_flops(step.get_concrete_function(*inputs).graph, batch)
+        # Counted on graphs traced at the inputs' own shapes: the steps' signatures leave the
+        # batch unknown, which would hide the critics' [real; fake] batch of 2B.
+        traced = lambda fn, *inputs: tf.function(fn, autograph=False).get_concrete_function(
+            *inputs).graph
+        train_flop = sum(utils.graph_flops(traced(step.python_function, *inputs), batch)
                          for step, inputs in step_inputs.items())
         translate_flop = utils.graph_flops(
-            self._translate['A2B'].get_concrete_function().graph, batch)
+            traced(self._translate['A2B'].python_function, real_a), batch)
         pipeline = self._benchmark_pipeline()
         peak = utils.machine_peak_gflops()
         iteration = utils.timing_summary(iteration_times)

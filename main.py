@@ -17,9 +17,11 @@ Ctrl-C (or SIGTERM) while training saves a checkpoint after the current step and
 exits with status 130; a second Ctrl-C stops at once.
 """
 
+import contextlib
 import dataclasses
 import os
 import sys
+import tempfile
 
 # TensorFlow's C++ log lines (start-up notes, and decoder errors such as "Premature end of
 # JPEG data" for a file we then skip by name) would break "one line per error" on stderr;
@@ -219,10 +221,32 @@ def run(config):
         print(f'done: results in {page}')
 
 
+@contextlib.contextmanager
+def native_stderr_held():
+    """Holds back what is written to file descriptor 2 meanwhile, and shows it only if the
+    block fails: TensorFlow's import prints start-up notes from C++ ("oneDNN custom
+    operations are on", on CPUs with AVX-512) that TF_CPP_MIN_LOG_LEVEL no longer silences."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors='replace'))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def main(argv):
     parse_args(argv)
     logging.set_verbosity(logging.INFO)
-    import utils
+    with native_stderr_held():
+        import utils   # and with it TensorFlow
     utils.limit_malloc_arenas()  # before TensorFlow's threads allocate: ~1 GB less at 256 px
     try:
         config = make_config()
