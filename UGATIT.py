@@ -882,6 +882,12 @@ class UGATIT:
     # -- training steps --
 
     @property
+    def factored_layers(self):
+        """The full model's first γ/β MLP layer of each generator (a 1,048,576-row kernel at
+        256 px), whose gradient `_update` forms as one product (`ops.factored_kernel_gradient`)."""
+        return [] if self.config.light else [gen.mlp.hidden[0] for gen in self.generators]
+
+    @property
     def g_vars(self):
         return [v for net in self.generators for v in net.trainable_weights]
 
@@ -936,8 +942,11 @@ class UGATIT:
         is an ONLY_FIRST_REPLICA variable, so the first replica's value is
         written everywhere) and the same clipped rho.
         """
+        # The full model's 1 GiB MLP kernels: their gradient is formed once, from all calls.
+        factored = [layer for layer in self.factored_layers
+                    if any(v is layer.dense.kernel for v in variables)]
         with ops.power_iteration_step(*self.discriminators):
-            with tf.GradientTape() as tape:
+            with tf.GradientTape() as tape, ops.recording_calls(factored):
                 losses, extras = compute()
                 objective = losses[total]
                 if self.replicas > 1:
@@ -948,7 +957,17 @@ class UGATIT:
                     objective = objective / self.replicas
                 if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
                     objective = optimizer.scale_loss(objective)  # `apply` unscales
-            grads = tape.gradient(objective, variables)
+                calls = [layer.recorded_calls for layer in factored]
+            products = [product for layer_calls in calls for _, product in layer_calls]
+            grads = tape.gradient(objective, list(variables) + products)
+            grads, product_grads = list(grads[:len(variables)]), grads[len(variables):]
+            for layer, layer_calls in zip(factored, calls):
+                index = next(i for i, v in enumerate(variables) if v is layer.dense.kernel)
+                data_term = ops.factored_kernel_gradient(
+                    layer_calls, product_grads[:len(layer_calls)], variables[index].dtype)
+                product_grads = product_grads[len(layer_calls):]
+                # The tape's own gradient of the kernel holds only its L2 term.
+                grads[index] = data_term if grads[index] is None else grads[index] + data_term
             optimizer.learning_rate = lr
             optimizer.apply(grads, variables)
         return losses, extras

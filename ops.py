@@ -227,12 +227,55 @@ class FullyConnected(keras.layers.Layer):
         self.dense = keras.layers.Dense(units, use_bias=use_bias,
                                         kernel_initializer=weight_initializer(), name='dense',
                                         dtype=self.dtype_policy)
+        self.recorded_calls = None   # [(x, x·W)] while `recording_calls` is on
 
     def build(self, input_shape):
         pass  # the dense sub-layer builds on first call, inside this layer's scope
 
     def call(self, x):
-        return self.dense(tf.reshape(x, [tf.shape(x)[0], -1]))
+        x = tf.reshape(x, [tf.shape(x)[0], -1])
+        if self.recorded_calls is None:
+            return self.dense(x)
+        # The kernel's gradient is left to `factored_kernel_gradient`: here it is a constant.
+        kernel = tf.stop_gradient(self.dense.kernel)
+        x, kernel = tf.cast(x, self.compute_dtype), tf.cast(kernel, self.compute_dtype)
+        product = tf.matmul(x, kernel)
+        self.recorded_calls.append((x, product))
+        if self.dense.use_bias:
+            product = tf.nn.bias_add(product, tf.cast(self.dense.bias, self.compute_dtype))
+        return product
+
+
+@contextlib.contextmanager
+def recording_calls(layers):
+    """While on, each FullyConnected in `layers` treats its kernel as a constant for the
+    gradient and records every call's (input X_c, product X_c·W) for
+    `factored_kernel_gradient`."""
+    for layer in layers:
+        layer.recorded_calls = []
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.recorded_calls = None
+
+
+def factored_kernel_gradient(calls, product_grads, dtype):
+    """∂L/∂W = Σ_c X_cᵀ·∂L/∂(X_c·W) over the calls recorded by `recording_calls`, as one
+    matrix product of the stacked inputs and gradients ([in, units], in `dtype`: the
+    kernel's, float32 also under mixed precision).
+
+    The same sum a gradient tape forms, but where the tape makes one [in, units] matrix per
+    call and adds them at the end, this makes one: for the full model's 1,048,576 × 256 MLP
+    kernel, called three times per generator in a G update, 2 GiB less held per generator.
+    `calls`: a layer's recorded [(X_c, X_c·W)]; `product_grads`: ∂L/∂(X_c·W) per call, in
+    the same order (None: the call did not reach the loss).
+    """
+    inputs, grads = [], []
+    for (x, product), grad in zip(calls, product_grads, strict=True):
+        inputs.append(tf.cast(x, dtype))
+        grads.append(tf.zeros_like(product, dtype) if grad is None else tf.cast(grad, dtype))
+    return tf.matmul(tf.concat(inputs, axis=0), tf.concat(grads, axis=0), transpose_a=True)
 
 
 class CAMClassifier(SpectralNormalized, keras.layers.Layer):

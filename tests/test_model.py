@@ -1016,3 +1016,41 @@ def test_checkpoints_move_between_precisions(precision_models, tmp_path, saver, 
                 {n: v.numpy() for n, v in source.optimizer_state_by_name().items()})
     for opt, opt_source in ((target.g_opt, source.g_opt), (target.d_opt, source.d_opt)):
         assert int(opt.iterations.numpy()) == int(opt_source.iterations.numpy())
+
+
+# --- 10. The full model's MLP kernel gradient, formed once per update ---------------------
+
+class TapeGradientUGATIT(ugatit.UGATIT):
+    """The model with every kernel's gradient left to the tape (no factored layers)."""
+    factored_layers = property(lambda self: [])
+
+
+def test_factored_mlp_kernel_gradient_gives_the_tapes_update():
+    """The full model's G update forms each generator's first MLP kernel gradient as one
+    product over its three calls (`ops.factored_kernel_gradient`) instead of the tape's one
+    matrix per call: one G step from the same weights and images gives the same variables
+    (and losses) as the tape's own gradient."""
+    config = dataclasses.replace(CONFIGS['small'], light=False)
+    keras.utils.set_random_seed(3)
+    factored = ugatit.UGATIT(config)
+    plain = TapeGradientUGATIT(config)
+    for name, var in plain.variables_by_name().items():
+        var.assign(factored.variables_by_name()[name])
+    assert len(factored.factored_layers) == 2 and plain.factored_layers == []
+    real_a, real_b = random_images(config, 2, seed=4), random_images(config, 2, seed=5)
+    lr = tf.constant(1e-3)
+    kernel = factored.factored_layers[0].dense.kernel
+    assert kernel.path.endswith('MLP/linear_0/dense/kernel')
+    initial = kernel.numpy()
+    losses = []
+    for model in (factored, plain):
+        model.build_optimizers()
+        losses.append(model.g_step(real_a, real_b, lr)[0])
+    for name in losses[0]:
+        np.testing.assert_allclose(losses[0][name].numpy(), losses[1][name].numpy(),
+                                   rtol=1e-6, err_msg=name)
+    plain_vars = plain.variables_by_name()
+    for name, var in factored.variables_by_name().items():
+        np.testing.assert_allclose(var.numpy(), plain_vars[name].numpy(), rtol=1e-5,
+                                   atol=1e-7, err_msg=name)
+    assert np.abs(kernel.numpy() - initial).max() > 1e-4   # the update did move it (lr 1e-3)
