@@ -123,7 +123,7 @@ flags.DEFINE_string('gpus', '', '--distribute mirrored: the GPUs to use, e.g. 0,
                     'every visible GPU)')
 define_bool('recompute', False, 'train, benchmark: recompute the generator blocks\' activations in '
             'the backward pass instead of keeping them (gradient checkpointing): less memory, '
-            'about a third more time per generator update, the same results')
+            'about a fifth more time per generator update, the same results')
 define_bool('xla', False, 'train, benchmark, test: compile the training steps and the translation '
             'with XLA (jit_compile); for GPUs: on CPU it traces twice as long for ~10% faster steps')
 flags.DEFINE_enum('mixed_precision', 'none', ['none', 'float16', 'bfloat16'],
